@@ -1,0 +1,88 @@
+"""Compile: ONNX file -> Relax -> (decompose) -> lower with edgecomp kernels -> build -> package."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+
+from edgecomp.errors import EdgecompError
+from edgecomp.frontend import import_onnx
+from edgecomp.models import load_onnx
+from edgecomp.package import Package, write_package
+from edgecomp.progress import step
+from edgecomp.targets import Board, load_board
+
+
+@dataclass(frozen=True)
+class DecomposeOptions:
+    """What ``--decompose``, ``--rank-policy`` and ``--calib`` asked for."""
+
+    method: str
+    policy: str
+    calib: np.ndarray | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The options as recorded in the manifest."""
+        return {"decompose": self.method, "rank_policy": self.policy, "calibrated": self.calib is not None}
+
+
+def build(mod: tvm.IRModule, board: Board) -> tvm.runtime.Executable:
+    """Lower an imported Relax module with edgecomp's kernels and build it for ``board``."""
+    from edgecomp.pipeline import lower
+
+    target = board.tvm_target()
+    try:
+        return tvm.compile(lower(mod, target), target=target)
+    except EdgecompError:
+        raise
+    except Exception as err:  # a TVM build failure on a valid model is our bug: keep the trace
+        raise RuntimeError(f"building for {board.name} failed; please report it: {err}") from err
+
+
+def compile_model(
+    model_path: str | os.PathLike[str],
+    board: str | Board,
+    outdir: str | os.PathLike[str],
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    decompose: DecomposeOptions | None = None,
+) -> Package:
+    """Compile an ONNX model for a board into a deployable package folder.
+
+    Parameters
+    ----------
+    model_path
+        The ONNX file.
+    board
+        A board name (``rasp4b``), a board file path, or a loaded Board.
+    outdir
+        Where ``model.so`` and ``manifest.json`` go; left untouched if anything fails.
+    input_shapes
+        Static shapes for inputs with dynamic dimensions.
+    decompose
+        Replace dense convolutions by factor chains first (see :mod:`edgecomp.decompose`).
+
+    Examples
+    --------
+    >>> compile_model("digits_cnn.onnx", "rasp4b", "out/rasp4b")  # doctest: +SKIP
+    """
+    board = board if isinstance(board, Board) else load_board(board)
+    board.fcompile()  # fail on a missing toolchain before the long work starts
+    model = load_onnx(model_path)
+    with step("importing the ONNX model"):
+        mod, signature = import_onnx(model, input_shapes)
+    options: dict[str, Any] = {}
+    if decompose is not None:
+        from edgecomp.passes.decompose_conv import DecomposeConv
+
+        with step(f"decomposing convolutions ({decompose.method}, {decompose.policy})"):
+            mod = DecomposeConv(decompose.method, decompose.policy, calib=decompose.calib)(mod)
+        options.update(decompose.to_json())
+    with step(f"building for {board.name}"):
+        executable = build(mod, board)
+    with step(f"linking {Path(outdir) / 'model.so'}"):
+        return write_package(executable, board, signature, outdir, source=model_path, options=options)

@@ -1,0 +1,46 @@
+"""Small ONNX models built in the tests, so each test says exactly what it feeds edgecomp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def tiny_cnn(path: Path, seed: int = 0, batch: int | str = 1, extra_node: onnx.NodeProto | None = None) -> Path:
+    """Conv(3x3, 4->8, pad 1) -> Relu -> MaxPool(2) -> Flatten -> Gemm(8*4*4 -> 10) on 1x4x8x8.
+
+    ``batch`` may be a symbol (``"N"``) to make the input dynamic; ``extra_node`` is appended
+    after the Gemm and must map ``logits`` to ``out``.
+    """
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((10, 128)) * 0.1).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu1"),
+        helper.make_node("MaxPool", ["r"], ["p"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w2", "b2"], ["logits"], name="fc", transB=1),
+    ]
+    output, out_shape = "logits", [batch, 10]
+    if extra_node is not None:
+        nodes.append(extra_node)
+        output, out_shape = "out", []
+    graph = helper.make_graph(
+        nodes,
+        "tiny_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 8, 8])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

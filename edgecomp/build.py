@@ -28,7 +28,11 @@ class DecomposeOptions:
 
     def to_json(self) -> dict[str, Any]:
         """The options as recorded in the manifest."""
-        return {"decompose": self.method, "rank_policy": self.policy, "calibrated": self.calib is not None}
+        return {
+            "decompose": self.method,
+            "rank_policy": self.policy,
+            "calibrated": self.calib is not None,
+        }
 
 
 def build(mod: tvm.IRModule, board: Board) -> tvm.runtime.Executable:
@@ -85,4 +89,6 @@ def compile_model(
     with step(f"building for {board.name}"):
         executable = build(mod, board)
     with step(f"linking {Path(outdir) / 'model.so'}"):
-        return write_package(executable, board, signature, outdir, source=model_path, options=options)
+        return write_package(
+            executable, board, signature, outdir, source=model_path, options=options
+        )

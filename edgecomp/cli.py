@@ -7,7 +7,6 @@ import json
 import sys
 import textwrap
 from collections.abc import Callable
-from pathlib import Path
 
 from edgecomp.errors import EdgecompError
 
@@ -54,7 +53,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         decompose=_decompose_options(args),
     )
     size = package.manifest["files"]["model.so"]["bytes"]
-    print(f"{package.path}/model.so  ({size / 1e6:.1f} MB, {package.arch}, board {package.manifest['board']})")
+    print(
+        f"{package.path}/model.so  ({size / 1e6:.1f} MB, {package.arch},"
+        f" board {package.manifest['board']})"
+    )
     return 0
 
 
@@ -66,7 +68,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if options is None:
         raise EdgecompError("analyze needs --decompose {cp,tucker,kronecker}")
     report = analyze(
-        args.model, options.method, options.policy, calib=options.calib,
+        args.model,
+        options.method,
+        options.policy,
+        calib=options.calib,
         input_shapes=parse_input_shapes(args.input_shape),
     )
     print(format_table(report))
@@ -77,7 +82,11 @@ def _open(args: argparse.Namespace):  # noqa: ANN202 - runner.Loaded
     from edgecomp.runner import open_package
 
     return open_package(
-        args.package, rpc=args.rpc, tracker=args.tracker, key=args.key, local=args.local,
+        args.package,
+        rpc=args.rpc,
+        tracker=args.tracker,
+        key=args.key,
+        local=args.local,
         timeout=args.timeout,
     )
 
@@ -93,13 +102,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.check is not None:
         from edgecomp.reference import max_abs_error, onnxruntime_outputs
 
-        ref = onnxruntime_outputs(args.check, {s.name: a for s, a in zip(loaded.package.inputs, inputs, strict=True)})
+        ref = onnxruntime_outputs(
+            args.check, {s.name: a for s, a in zip(loaded.package.inputs, inputs, strict=True)}
+        )
         err = max_abs_error(outputs, ref)
         ok = all(
             __import__("numpy").allclose(o, r, rtol=args.rtol, atol=args.atol)
             for o, r in zip(outputs, ref, strict=True)
         )
-        print(f"{'outputs match' if ok else 'OUTPUTS DIFFER'} ONNX Runtime: max abs error {err:.3g}")
+        print(
+            f"{'outputs match' if ok else 'OUTPUTS DIFFER'} ONNX Runtime: max abs error {err:.3g}"
+        )
         if not ok:
             return 1
     if args.output is not None:
@@ -141,7 +154,10 @@ def _cmd_device_stop(args: argparse.Namespace) -> int:
 
     stopped = stop_emulated_devices()
     for info in stopped:
-        print(f"stopped {info.get('board', 'device')} on {info['host']}:{info['port']} (pid {info['pid']})")
+        print(
+            f"stopped {info.get('board', 'device')} on {info['host']}:{info['port']}"
+            f" (pid {info['pid']})"
+        )
     if not stopped:
         print("no emulated device was running")
     return 0
@@ -170,28 +186,50 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_where(p: argparse.ArgumentParser) -> None:
     where = p.add_argument_group("where to run (exactly one)")
-    where.add_argument("--rpc", metavar="HOST:PORT", help="a TVM RPC server, e.g. edgecomp device emulate")
-    where.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker; the device is asked for by --key")
-    where.add_argument("--local", action="store_true", help="this machine (packages compiled with --target host)")
+    where.add_argument(
+        "--rpc", metavar="HOST:PORT", help="a TVM RPC server, e.g. edgecomp device emulate"
+    )
+    where.add_argument(
+        "--tracker", metavar="HOST:PORT", help="a TVM RPC tracker; the device is asked for by --key"
+    )
+    where.add_argument(
+        "--local", action="store_true", help="this machine (packages compiled with --target host)"
+    )
     p.add_argument("--key", help="device key at the tracker (default: the board's RPC key)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the device (default 30)")
-    p.add_argument("--input", action="append", metavar="NAME=FILE.npy",
-                   help="an input array; inputs not given are seeded random data")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the device (default 30)"
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        metavar="NAME=FILE.npy",
+        help="an input array; inputs not given are seeded random data",
+    )
 
 
 def _add_decompose(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decomposition")
-    g.add_argument("--decompose", choices=["cp", "tucker", "kronecker"],
-                   help="replace dense convolutions by CP, Tucker-2 or Kronecker (GKPD) factor chains")
-    g.add_argument("--rank-policy", metavar="POLICY",
-                   help="rank=R | params=3x | flops=2x | error=0.05 | output=0.05 (default flops=2x)")
-    g.add_argument("--calib", metavar="FILE.npy", help="calibration inputs (batch of the model's input)")
+    g.add_argument(
+        "--decompose",
+        choices=["cp", "tucker", "kronecker"],
+        help="replace dense convolutions by CP, Tucker-2 or Kronecker (GKPD) factor chains",
+    )
+    g.add_argument(
+        "--rank-policy",
+        metavar="POLICY",
+        help="rank=R | params=3x | flops=2x | error=0.05 | output=0.05 (default flops=2x)",
+    )
+    g.add_argument(
+        "--calib", metavar="FILE.npy", help="calibration inputs (batch of the model's input)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     def sub(name: str, handler: Handler, help_: str, example: str, parent=None):  # noqa: ANN001, ANN202
         p = (parent or subs).add_parser(
-            name, help=help_, description=help_,
+            name,
+            help=help_,
+            description=help_,
             epilog="example:\n" + textwrap.indent(example, "  "),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -200,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="edgecomp",
-        description="Compile ONNX CNNs for edge boards with TVM, run and time them on the device over RPC.",
+        description="Compile ONNX CNNs for edge boards with TVM; run and time them on the device.",
         epilog=textwrap.dedent("""\
             example, the whole path on an emulated Raspberry Pi 4:
               edgecomp compile model.onnx --target rasp4b -o out/rasp4b
@@ -217,75 +255,155 @@ def _parser() -> argparse.ArgumentParser:
 
     sub("targets", _cmd_targets, "list the boards edgecomp knows", "edgecomp targets")
 
-    p = sub("compile", _cmd_compile, "compile an ONNX model into a deployable package for a board",
-            "edgecomp compile model.onnx --target rasp4b -o out/rasp4b\n"
-            "edgecomp compile model.onnx --target rasp3b --input-shape data:1x3x224x224 -o out/rasp3b\n"
-            "edgecomp compile model.onnx --target host --decompose cp --rank-policy flops=2x -o out/host")
+    p = sub(
+        "compile",
+        _cmd_compile,
+        "compile an ONNX model into a deployable package for a board",
+        "edgecomp compile model.onnx --target rasp4b -o out/rasp4b\n"
+        "edgecomp compile model.onnx --target rasp3b --input-shape data:1x3x224x224 -o out/rasp3b\n"
+        "edgecomp compile model.onnx --target host --decompose cp --rank-policy flops=2x"
+        " -o out/host",
+    )
     p.add_argument("model", help="the ONNX file")
-    p.add_argument("--target", required=True, metavar="BOARD", help="a board name (edgecomp targets) or a board JSON file")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="package folder: model.so + manifest.json")
-    p.add_argument("--input-shape", action="append", metavar="NAME:1x3x224x224", help="static shape for a dynamic input")
+    p.add_argument(
+        "--target",
+        required=True,
+        metavar="BOARD",
+        help="a board name (edgecomp targets) or a board JSON file",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUTDIR",
+        help="package folder: model.so + manifest.json",
+    )
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME:1x3x224x224",
+        help="static shape for a dynamic input",
+    )
     _add_decompose(p)
 
-    p = sub("analyze", _cmd_analyze, "show per layer what decomposition would do: ranks, params, FLOPs, errors",
-            "edgecomp analyze model.onnx --decompose cp --rank-policy flops=2x\n"
-            "edgecomp analyze model.onnx --decompose tucker --rank-policy output=0.05 --calib inputs.npy")
+    p = sub(
+        "analyze",
+        _cmd_analyze,
+        "show per layer what decomposition would do: ranks, params, FLOPs, errors",
+        "edgecomp analyze model.onnx --decompose cp --rank-policy flops=2x\n"
+        "edgecomp analyze model.onnx --decompose tucker --rank-policy output=0.05"
+        " --calib inputs.npy",
+    )
     p.add_argument("model", help="the ONNX file")
-    p.add_argument("--input-shape", action="append", metavar="NAME:1x3x224x224", help="static shape for a dynamic input")
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME:1x3x224x224",
+        help="static shape for a dynamic input",
+    )
     _add_decompose(p)
 
-    p = sub("run", _cmd_run, "run a package once on a device (or here) and print or save its outputs",
-            "edgecomp run out/rasp4b --rpc 127.0.0.1:9090 --input data=x.npy -o y.npz\n"
-            "edgecomp run out/rasp4b --tracker 127.0.0.1:9190 --key rasp4b --check model.onnx\n"
-            "edgecomp run out/host --local")
+    p = sub(
+        "run",
+        _cmd_run,
+        "run a package once on a device (or here) and print or save its outputs",
+        "edgecomp run out/rasp4b --rpc 127.0.0.1:9090 --input data=x.npy -o y.npz\n"
+        "edgecomp run out/rasp4b --tracker 127.0.0.1:9190 --key rasp4b --check model.onnx\n"
+        "edgecomp run out/host --local",
+    )
     p.add_argument("package", help="the package folder from edgecomp compile")
     _add_where(p)
-    p.add_argument("-o", "--output", metavar="OUT.npz", help="save the outputs, keyed by output name")
-    p.add_argument("--check", metavar="MODEL.onnx", help="compare with ONNX Runtime on this machine")
+    p.add_argument(
+        "-o", "--output", metavar="OUT.npz", help="save the outputs, keyed by output name"
+    )
+    p.add_argument(
+        "--check", metavar="MODEL.onnx", help="compare with ONNX Runtime on this machine"
+    )
     p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance for --check")
     p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance for --check")
 
-    p = sub("bench", _cmd_bench, "time a package on the device: median, min and max latency over N runs",
-            "edgecomp bench out/rasp4b --rpc 127.0.0.1:9090 --repeat 20\nedgecomp bench out/host --local")
+    p = sub(
+        "bench",
+        _cmd_bench,
+        "time a package on the device: median, min and max latency over N runs",
+        "edgecomp bench out/rasp4b --rpc 127.0.0.1:9090 --repeat 20\n"
+        "edgecomp bench out/host --local",
+    )
     p.add_argument("package", help="the package folder from edgecomp compile")
     _add_where(p)
     p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
     p.add_argument("--json", action="store_true", help="also print the numbers as JSON")
 
-    dev = subs.add_parser("device", help="start or stop an emulated device (qemu-user + TVM RPC server)",
-                          description="start or stop an emulated device (qemu-user + TVM RPC server)",
-                          epilog="example:\n  edgecomp device emulate --target rasp4b --port 9090\n  edgecomp device stop",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    dev = subs.add_parser(
+        "device",
+        help="start or stop an emulated device (qemu-user + TVM RPC server)",
+        description="start or stop an emulated device (qemu-user + TVM RPC server)",
+        epilog="example:\n  edgecomp device emulate --target rasp4b --port 9090\n"
+        "  edgecomp device stop",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     dev.set_defaults(handler=lambda a: (dev.print_help(), 2)[1])
     devsubs = dev.add_subparsers(dest="device_command", metavar="ACTION")
-    p = sub("emulate", _cmd_device_emulate,
-            "prepare (once, then cached) an emulated board and start its RPC server in the background",
-            "edgecomp device emulate --target rasp4b --port 9090\n"
-            "edgecomp device emulate --target rasp4b --tracker 127.0.0.1:9190 --key rasp4b", parent=devsubs)
-    p.add_argument("--target", default="rasp4b", metavar="BOARD", help="the board to emulate (default rasp4b)")
-    p.add_argument("--host", default="127.0.0.1", help="address the RPC server binds (default loopback)")
+    p = sub(
+        "emulate",
+        _cmd_device_emulate,
+        "prepare (once, then cached) an emulated board and start its RPC server in the background",
+        "edgecomp device emulate --target rasp4b --port 9090\n"
+        "edgecomp device emulate --target rasp4b --tracker 127.0.0.1:9190 --key rasp4b",
+        parent=devsubs,
+    )
+    p.add_argument(
+        "--target", default="rasp4b", metavar="BOARD", help="the board to emulate (default rasp4b)"
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address the RPC server binds (default loopback)"
+    )
     p.add_argument("--port", type=int, default=9090, help="RPC server port (default 9090)")
     p.add_argument("--tracker", metavar="HOST:PORT", help="register with this tracker")
     p.add_argument("--key", help="device key at the tracker (default: the board's RPC key)")
-    sub("stop", _cmd_device_stop, "stop the emulated devices started by edgecomp device emulate",
-        "edgecomp device stop", parent=devsubs)
+    sub(
+        "stop",
+        _cmd_device_stop,
+        "stop the emulated devices started by edgecomp device emulate",
+        "edgecomp device stop",
+        parent=devsubs,
+    )
 
-    p = sub("tracker", _cmd_tracker, "run a TVM RPC tracker in the foreground (Ctrl-C stops it)",
-            "edgecomp tracker --port 9190")
+    p = sub(
+        "tracker",
+        _cmd_tracker,
+        "run a TVM RPC tracker in the foreground (Ctrl-C stops it)",
+        "edgecomp tracker --port 9190",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     p.add_argument("--port", type=int, default=9190, help="port (default 9190)")
 
-    p = sub("devices", _cmd_devices, "list the devices registered with a tracker",
-            "edgecomp devices --tracker 127.0.0.1:9190")
+    p = sub(
+        "devices",
+        _cmd_devices,
+        "list the devices registered with a tracker",
+        "edgecomp devices --tracker 127.0.0.1:9190",
+    )
     p.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the tracker")
 
-    p = sub("demo", _cmd_demo,
-            "the whole path on an emulated board: compile the bundled CNN, start the device and a tracker,"
-            " run over RPC, check against ONNX Runtime, time it, keep the package",
-            "edgecomp demo\nedgecomp demo --target rasp4b -o edgecomp-out/rasp4b")
-    p.add_argument("--target", default="rasp4b", metavar="BOARD", help="an emulated board (default rasp4b)")
-    p.add_argument("-o", "--output", default="edgecomp-out/rasp4b", metavar="OUTDIR",
-                   help="where the package stays (default edgecomp-out/rasp4b)")
+    p = sub(
+        "demo",
+        _cmd_demo,
+        "the whole path on an emulated board: compile the bundled CNN, start the device and"
+        " a tracker,"
+        " run over RPC, check against ONNX Runtime, time it, keep the package",
+        "edgecomp demo\nedgecomp demo --target rasp4b -o edgecomp-out/rasp4b",
+    )
+    p.add_argument(
+        "--target", default="rasp4b", metavar="BOARD", help="an emulated board (default rasp4b)"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        default="edgecomp-out/rasp4b",
+        metavar="OUTDIR",
+        help="where the package stays (default edgecomp-out/rasp4b)",
+    )
     return parser
 
 

@@ -157,7 +157,9 @@ def import_onnx(
             keep_params_in_input=False,
         )
     except Exception as err:  # the importer raises many kinds; the user needs the message
-        raise EdgecompError(f"TVM could not import the model: {str(err).strip().splitlines()[-1]}") from err
+        raise EdgecompError(
+            f"TVM could not import the model: {str(err).strip().splitlines()[-1]}"
+        ) from err
     mod = relax.transform.DecomposeOpsForInference()(mod)
     outputs = _output_specs(mod, [o.name for o in model.graph.output])
     return mod, ModelSignature(tuple(inputs), tuple(outputs))

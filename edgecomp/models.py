@@ -45,7 +45,7 @@ def bundled_model_path() -> Path:
 
 
 def light_model_path(name: str) -> Path:
-    """Path of one of the ONNX package's "light" Model Zoo architectures (``alexnet``, ``vgg19`` ...)."""
+    """Path of one of the ONNX package's "light" Model Zoo models (``alexnet``, ``vgg19`` ...)."""
     folder = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
     aliases = {"alexnet": "bvlc_alexnet"}
     path = folder / f"light_{aliases.get(name, name)}.onnx"

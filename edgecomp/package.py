@@ -142,7 +142,9 @@ def write_package(
             "outputs": [s.to_json() for s in signature.outputs],
             "options": options or {},
             "source": (
-                {"file": Path(source).name, "sha256": sha256(source)} if source is not None else None
+                {"file": Path(source).name, "sha256": sha256(source)}
+                if source is not None
+                else None
             ),
             "files": {LIBRARY: {"sha256": sha256(lib), "bytes": lib.stat().st_size}},
         }

@@ -16,7 +16,9 @@ def onnxruntime_outputs(
     try:
         import onnxruntime as ort
     except ImportError as err:
-        raise EdgecompError("checking against ONNX Runtime needs it: pip install onnxruntime") from err
+        raise EdgecompError(
+            "checking against ONNX Runtime needs it: pip install onnxruntime"
+        ) from err
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3

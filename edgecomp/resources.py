@@ -12,7 +12,7 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def data_dir(name: str) -> Path:
-    """Return the folder of one of edgecomp's data sets: ``targets``, ``schedules`` or ``deploy``."""
+    """Return one of edgecomp's data folders: ``targets``, ``schedules`` or ``deploy``."""
     for candidate in (_PACKAGE / "_data" / name, _PACKAGE.parent / name):
         if candidate.is_dir():
             return candidate

@@ -35,12 +35,16 @@ class Loaded:
         items = list(result) if isinstance(result, (tvm.ir.Array, tuple, list)) else [result]
         return [r.numpy() for r in items]
 
-    def bench(self, inputs: list[np.ndarray], repeat: int = 20, warmup: int = 2) -> dict[str, float]:
+    def bench(
+        self, inputs: list[np.ndarray], repeat: int = 20, warmup: int = 2
+    ) -> dict[str, float]:
         """Latency in milliseconds over ``repeat`` runs, measured on the device itself."""
         if repeat < 1:
             raise EdgecompError(f"--repeat must be at least 1, not {repeat}")
         args = self._to_device(inputs)
-        timer = self.vm.time_evaluator("main", self.device, number=1, repeat=repeat, min_repeat_ms=0)
+        timer = self.vm.time_evaluator(
+            "main", self.device, number=1, repeat=repeat, min_repeat_ms=0
+        )
         for _ in range(warmup):
             self.vm["main"](*args)
         times = np.asarray(timer(*args).results) * 1e3
@@ -56,7 +60,9 @@ class Loaded:
 def host_arch() -> str:
     """ELF architecture name of this machine."""
     machine = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, "arm" if machine.startswith("armv") else machine)
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(
+        machine, "arm" if machine.startswith("armv") else machine
+    )
 
 
 def load_local(package: Package) -> Loaded:
@@ -98,7 +104,9 @@ def load_remote(package: Package, session: Any) -> Loaded:
     return Loaded(package, relax.VirtualMachine(lib, device), device, session)
 
 
-def read_inputs(specs: list[TensorSpec], given: dict[str, str] | None, seed: int = 0) -> list[np.ndarray]:
+def read_inputs(
+    specs: list[TensorSpec], given: dict[str, str] | None, seed: int = 0
+) -> list[np.ndarray]:
     """Inputs in call order: from ``.npy`` files where given, else seeded standard-normal data."""
     given = dict(given or {})
     unknown = sorted(set(given) - {s.name for s in specs})
@@ -115,7 +123,9 @@ def read_inputs(specs: list[TensorSpec], given: dict[str, str] | None, seed: int
             try:
                 array = np.load(path)
             except (OSError, ValueError) as err:
-                raise EdgecompError(f"--input {spec.name}={path}: cannot read it as .npy ({err})") from err
+                raise EdgecompError(
+                    f"--input {spec.name}={path}: cannot read it as .npy ({err})"
+                ) from err
             if tuple(array.shape) != spec.shape:
                 raise EdgecompError(
                     f"--input {spec.name}={path} has shape {tuple(array.shape)}; the model wants"
@@ -138,7 +148,9 @@ def parse_named_files(values: list[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
-def save_outputs(specs: list[TensorSpec], outputs: list[np.ndarray], path: str | os.PathLike[str]) -> None:
+def save_outputs(
+    specs: list[TensorSpec], outputs: list[np.ndarray], path: str | os.PathLike[str]
+) -> None:
     """Write outputs to an ``.npz`` keyed by output name."""
     np.savez(path, **{s.name: o for s, o in zip(specs, outputs, strict=True)})
 
@@ -172,10 +184,14 @@ def open_package(
     package = read_package(path)
     chosen = sum(x is not None for x in (rpc, tracker)) + bool(local)
     if chosen != 1:
-        raise EdgecompError("say where to run: exactly one of --rpc HOST:PORT, --tracker HOST:PORT, --local")
+        raise EdgecompError(
+            "say where to run: exactly one of --rpc HOST:PORT, --tracker HOST:PORT, --local"
+        )
     if local:
         return load_local(package)
     from edgecomp.rpc import connect
 
-    session = connect(rpc=rpc, tracker=tracker, key=key or package.manifest["rpc_key"], timeout=timeout)
+    session = connect(
+        rpc=rpc, tracker=tracker, key=key or package.manifest["rpc_key"], timeout=timeout
+    )
     return load_remote(package, session)

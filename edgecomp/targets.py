@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import tvm
 
@@ -54,7 +55,9 @@ class Board:
         try:
             return tvm.target.Target(self.target)
         except Exception as err:  # TVM raises a mix of ValueError and FFI errors here
-            raise EdgecompError(f"board {self.name!r}: invalid TVM target {self.target}: {err}") from err
+            raise EdgecompError(
+                f"board {self.name!r}: invalid TVM target {self.target}: {err}"
+            ) from err
 
     def fcompile(self) -> Callable[..., None] | None:
         """The function ``export_library`` links with, or None for the native compiler.

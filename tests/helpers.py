@@ -9,7 +9,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def tiny_cnn(path: Path, seed: int = 0, batch: int | str = 1, extra_node: onnx.NodeProto | None = None) -> Path:
+def tiny_cnn(
+    path: Path, seed: int = 0, batch: int | str = 1, extra_node: onnx.NodeProto | None = None
+) -> Path:
     """Conv(3x3, 4->8, pad 1) -> Relu -> MaxPool(2) -> Flatten -> Gemm(8*4*4 -> 10) on 1x4x8x8.
 
     ``batch`` may be a symbol (``"N"``) to make the input dynamic; ``extra_node`` is appended
@@ -25,7 +27,9 @@ def tiny_cnn(path: Path, seed: int = 0, batch: int | str = 1, extra_node: onnx.N
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c"], ["r"], name="relu1"),
-        helper.make_node("MaxPool", ["r"], ["p"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node(
+            "MaxPool", ["r"], ["p"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]
+        ),
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "w2", "b2"], ["logits"], name="fc", transB=1),
     ]

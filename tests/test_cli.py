@@ -9,8 +9,17 @@ import pytest
 from helpers import tiny_cnn
 
 SUBCOMMANDS = [
-    ["targets"], ["compile"], ["analyze"], ["run"], ["bench"], ["device"], ["device", "emulate"],
-    ["device", "stop"], ["tracker"], ["devices"], ["demo"],
+    ["targets"],
+    ["compile"],
+    ["analyze"],
+    ["run"],
+    ["bench"],
+    ["device"],
+    ["device", "emulate"],
+    ["device", "stop"],
+    ["tracker"],
+    ["devices"],
+    ["demo"],
 ]
 
 
@@ -30,7 +39,17 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], message: str) -
 
 def test_top_level_help_lists_commands_with_an_example():
     out = edgecomp("--help").stdout
-    for cmd in ("compile", "run", "bench", "device", "tracker", "devices", "targets", "analyze", "demo"):
+    for cmd in (
+        "compile",
+        "run",
+        "bench",
+        "device",
+        "tracker",
+        "devices",
+        "targets",
+        "analyze",
+        "demo",
+    ):
         assert f"    {cmd}" in out
     assert "example" in out
 
@@ -50,13 +69,21 @@ def test_targets_lists_the_boards():
 
 def test_compile_errors(tmp_path):
     model = tiny_cnn(tmp_path / "m.onnx")
-    assert_clean_error(edgecomp("compile", str(tmp_path / "nope.onnx"), "--target", "host", "-o", str(tmp_path / "o")),
-                       "nope.onnx does not exist")
-    assert_clean_error(edgecomp("compile", str(model), "--target", "pi9", "-o", str(tmp_path / "o")),
-                       "unknown board 'pi9'; known boards: android-arm64, host")
+    assert_clean_error(
+        edgecomp(
+            "compile", str(tmp_path / "nope.onnx"), "--target", "host", "-o", str(tmp_path / "o")
+        ),
+        "nope.onnx does not exist",
+    )
+    assert_clean_error(
+        edgecomp("compile", str(model), "--target", "pi9", "-o", str(tmp_path / "o")),
+        "unknown board 'pi9'; known boards: android-arm64, host",
+    )
     dyn = tiny_cnn(tmp_path / "dyn.onnx", batch="N")
-    assert_clean_error(edgecomp("compile", str(dyn), "--target", "host", "-o", str(tmp_path / "o")),
-                       "--input-shape x:")
+    assert_clean_error(
+        edgecomp("compile", str(dyn), "--target", "host", "-o", str(tmp_path / "o")),
+        "--input-shape x:",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -64,7 +91,15 @@ def test_compile_then_run_locally(tmp_path):
     model = tiny_cnn(tmp_path / "m.onnx")
     result = edgecomp("compile", str(model), "--target", "host", "-o", str(tmp_path / "pkg"))
     assert result.returncode == 0, result.stderr
-    result = edgecomp("run", str(tmp_path / "pkg"), "--local", "--check", str(model), "-o", str(tmp_path / "y.npz"))
+    result = edgecomp(
+        "run",
+        str(tmp_path / "pkg"),
+        "--local",
+        "--check",
+        str(model),
+        "-o",
+        str(tmp_path / "y.npz"),
+    )
     assert result.returncode == 0, result.stderr
     assert "outputs match ONNX Runtime" in result.stdout
     import numpy as np
@@ -79,7 +114,9 @@ def test_run_needs_exactly_one_place(tmp_path):
     model = tiny_cnn(tmp_path / "m.onnx")
     edgecomp("compile", str(model), "--target", "host", "-o", str(tmp_path / "pkg"))
     assert_clean_error(edgecomp("run", str(tmp_path / "pkg")), "exactly one of --rpc")
-    assert_clean_error(edgecomp("run", str(tmp_path / "nopkg"), "--local"), "is not an edgecomp package")
+    assert_clean_error(
+        edgecomp("run", str(tmp_path / "nopkg"), "--local"), "is not an edgecomp package"
+    )
 
 
 def test_unreachable_rpc_address_is_named_and_bounded(tmp_path):

@@ -41,10 +41,14 @@ def test_alexnet_on_host_matches_onnxruntime(tmp_path):
 def test_tiny_model_on_host_matches_onnxruntime(tiny, tmp_path):
     loaded = open_package(compile_model(tiny, "host", tmp_path / "out").path, local=True)
     x = read_inputs(loaded.package.inputs, None, seed=3)
-    np.testing.assert_allclose(loaded.run(x)[0], onnxruntime_outputs(tiny, {"x": x[0]})[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        loaded.run(x)[0], onnxruntime_outputs(tiny, {"x": x[0]})[0], rtol=1e-4, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize(("board", "arch"), [("rasp4b", "aarch64"), ("rasp3b", "arm"), ("rk3399", "aarch64")])
+@pytest.mark.parametrize(
+    ("board", "arch"), [("rasp4b", "aarch64"), ("rasp3b", "arm"), ("rk3399", "aarch64")]
+)
 def test_package_is_an_elf_for_the_board(tiny, tmp_path, board, arch):
     package = compile_model(tiny, board, tmp_path / board)
     lib = package.path / "model.so"
@@ -93,7 +97,9 @@ def test_altered_package_is_refused(tiny, tmp_path):
 
 def test_arm_package_does_not_run_here(tiny, tmp_path):
     package = compile_model(tiny, "rasp4b", tmp_path / "out")
-    with pytest.raises(EdgecompError, match=r"built for rasp4b \(aarch64\) and cannot run on this x86_64 machine"):
+    with pytest.raises(
+        EdgecompError, match=r"built for rasp4b \(aarch64\) and cannot run on this x86_64 machine"
+    ):
         open_package(package.path, local=True)
 
 
@@ -108,7 +114,10 @@ def _board_file(tmp_path, cc: str, package: str = "g++-imaginary"):
 
 def test_missing_cross_compiler_names_the_package(tiny, tmp_path):
     board = _board_file(tmp_path, "aarch64-imaginary-g++")
-    with pytest.raises(EdgecompError, match=r"cross compiler aarch64-imaginary-g\+\+ .* apt-get install g\+\+-imaginary"):
+    with pytest.raises(
+        EdgecompError,
+        match=r"cross compiler aarch64-imaginary-g\+\+ .* apt-get install g\+\+-imaginary",
+    ):
         compile_model(tiny, board, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -120,7 +129,11 @@ def test_android_needs_the_ndk(tiny, tmp_path, monkeypatch):
 
 
 def test_unknown_board_lists_the_known_ones(tiny, tmp_path):
-    with pytest.raises(EdgecompError, match=r"unknown board 'pi9'; known boards: android-arm64, host, rasp3b, rasp4b, rk3399, rk3399-mali"):
+    with pytest.raises(
+        EdgecompError,
+        match=r"unknown board 'pi9'; known boards: android-arm64, host, rasp3b, rasp4b, rk3399,"
+        r" rk3399-mali",
+    ):
         compile_model(tiny, "pi9", tmp_path / "out")
 
 

@@ -40,7 +40,9 @@ def test_unsupported_op_names_op_and_node(tmp_path):
 
 def test_dynamic_input_needs_input_shape(tmp_path):
     model = load_onnx(tiny_cnn(tmp_path / "m.onnx", batch="N"))
-    with pytest.raises(EdgecompError, match=r"input 'x' has a dynamic shape \(Nx4x8x8\).*--input-shape x:"):
+    with pytest.raises(
+        EdgecompError, match=r"input 'x' has a dynamic shape \(Nx4x8x8\).*--input-shape x:"
+    ):
         import_onnx(model)
     _, sig = import_onnx(model, {"x": (2, 4, 8, 8)})
     assert sig.inputs[0].shape == (2, 4, 8, 8)
@@ -49,7 +51,10 @@ def test_dynamic_input_needs_input_shape(tmp_path):
 
 def test_input_shape_for_an_unknown_input(tmp_path):
     model = load_onnx(tiny_cnn(tmp_path / "m.onnx", batch="N"))
-    with pytest.raises(EdgecompError, match=r"--input-shape names y, which the model does not have; its inputs are: x"):
+    with pytest.raises(
+        EdgecompError,
+        match=r"--input-shape names y, which the model does not have; its inputs are: x",
+    ):
         import_onnx(model, {"y": (1, 4, 8, 8)})
 
 
@@ -60,4 +65,7 @@ def test_input_shape_flag_parse_errors(bad):
 
 
 def test_input_shape_flag_parses():
-    assert parse_input_shapes(["data_0:1x3x224x224", "a:b:2x3"]) == {"data_0": (1, 3, 224, 224), "a:b": (2, 3)}
+    assert parse_input_shapes(["data_0:1x3x224x224", "a:b:2x3"]) == {
+        "data_0": (1, 3, 224, 224),
+        "a:b": (2, 3),
+    }

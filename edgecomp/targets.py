@@ -87,6 +87,22 @@ class Board:
         return cross_compiler(cc["cc"], options=list(cc.get("options", [])))
 
 
+def _resolve_native(target: dict[str, Any]) -> dict[str, Any]:
+    """Replace ``"native"`` values (``mcpu``, ``num-cores``) by what this machine has.
+
+    The ``host`` board builds for the CPU it runs on (e.g. AVX-512 where there is one); the
+    package's manifest records the resolved target.
+    """
+    out = dict(target)
+    if out.get("mcpu") == "native":
+        out["mcpu"] = str(tvm.target.codegen.llvm_get_system_cpu())
+    if out.get("num-cores") == "native":
+        out["num-cores"] = len(os.sched_getaffinity(0))
+    if isinstance(out.get("host"), dict):
+        out["host"] = _resolve_native(out["host"])
+    return out
+
+
 def _boards_dir() -> Path:
     return data_dir("targets")
 
@@ -127,7 +143,7 @@ def load_board(name_or_path: str | os.PathLike[str]) -> Board:
         name=data["name"],
         description=data.get("description", ""),
         arch=data["arch"],
-        target=data["target"],
+        target=_resolve_native(data["target"]),
         cross_compiler=data.get("cross_compiler"),
         rpc_key=data["rpc_key"],
         emulate=data.get("emulate"),

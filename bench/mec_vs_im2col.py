@@ -1,0 +1,172 @@
+"""MEC vs im2col on every VGG-19 convolution: lowered-buffer bytes and latency, side by side.
+
+Each layer is built as a one-conv Relax module (seeded weights as constants), lowered twice by
+``edgecomp.pipeline.lower`` (``conv="mec"`` and ``conv="im2col"``, same GEMM schedule, so the
+difference is the lowering) and timed on the Relax VM. The best layer's GFLOP/s is also given as
+a fraction of the CPU's fp32 peak = cores x GHz x FMA units x lanes x 2.
+
+Run:  cd /work/main && PYTHONPATH=. /root/ecvenv/bin/python bench/mec_vs_im2col.py
+Timings on a shared 2-core machine are noisy; compare columns of one run, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")  # before the TVM runtime starts its thread pool
+
+import numpy as np  # noqa: E402
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from edgecomp.kernels.mec_conv import _tiles_for, conv_out_size  # noqa: E402
+from edgecomp.kernels.target_info import cpu_info  # noqa: E402
+from edgecomp.pipeline import lower  # noqa: E402
+from edgecomp.targets import load_board  # noqa: E402
+
+# VGG-19's convolutions: (name, C, K, H=W); all 3x3, stride 1, pad 1.
+VGG19_CONVS = [
+    ("conv1_1", 3, 64, 224), ("conv1_2", 64, 64, 224),
+    ("conv2_1", 64, 128, 112), ("conv2_2", 128, 128, 112),
+    ("conv3_1", 128, 256, 56), ("conv3_2-4", 256, 256, 56),
+    ("conv4_1", 256, 512, 28), ("conv4_2-4", 512, 512, 28),
+    ("conv5_1-4", 512, 512, 14),
+]
+
+
+def conv_module(c: int, k: int, size: int, seed: int = 0) -> tvm.IRModule:
+    """A Relax module with one 3x3/s1/p1 conv2d whose weight is a seeded constant."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((k, c, 3, 3)) * math.sqrt(2.0 / (9 * c))).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, c, size, size), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=[1, 1, 1, 1]))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def lowered_bytes(kind: str, c: int, size: int, target: tvm.target.Target, k: int) -> int:
+    """Bytes of the lowered buffer as edgecomp allocates it (output width padded to the tile).
+
+    Both lowerings also keep one zero-padded NHWC copy of the input (``conv_pad``, the same
+    size for both); it is not counted here.
+    """
+    wo = conv_out_size(size, 3, 1, 1, 1, 1)
+    tile_w = _tiles_for(wo, k, target, 9 * c)[0]
+    wo_pad = math.ceil(wo / tile_w) * tile_w
+    rows = size + 2  # padded input rows the windows touch (3x3, stride 1, pad 1)
+    if kind == "mec":
+        return wo_pad * rows * 3 * c * 4  # L: Wo x (H * kw * C)
+    return wo * wo_pad * 9 * c * 4  # im2col: (Ho * Wo) x (kh * kw * C)
+
+
+def time_layer(
+    mod: tvm.IRModule, target: tvm.target.Target, kind: str, x: np.ndarray, repeat: int
+) -> float:
+    """Best-of-``repeat`` seconds of the layer built with ``kind`` (min: the machine is shared)."""
+    ex = tvm.compile(lower(mod, target, conv=kind), target=target)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    data = tvm.runtime.tensor(x)
+    timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=0)
+    return float(np.min(timer(data).results))
+
+
+_CLOCK_C = r"""
+#include <stdio.h>
+#include <time.h>
+int main(void) {
+    struct timespec a, b;
+    unsigned long n = 1000000000UL, x = 0;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    /* one dependent add + dec/jnz per iteration: one iteration per cycle */
+    __asm__ volatile("1: add $1, %0\n dec %1\n jnz 1b" : "+r"(x), "+r"(n));
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    printf("%f\n", 1.0 / ((b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) * 1e-9));
+    return 0;
+}
+"""
+
+
+def measured_ghz() -> float:
+    """The clock the cores really run at (turbo included), from a 1-cycle dependent loop.
+
+    x86-64 only, needs a C compiler; 0 when either is missing.
+    """
+    if platform.machine() != "x86_64" or shutil.which("cc") is None:
+        return 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = os.path.join(tmp, "clock.c"), os.path.join(tmp, "clock")
+        with open(src, "w") as f:
+            f.write(_CLOCK_C)
+        subprocess.run(["cc", "-O1", src, "-o", exe], check=True)
+        return float(subprocess.run([exe], check=True, capture_output=True, text=True).stdout)
+
+
+def cpu_ghz() -> float:
+    """Nominal clock from /proc/cpuinfo (the first ``cpu MHz``), 0 when unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":")[1]) / 1000.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--board", default="host", help="board name or file, or a JSON target dict")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per layer")
+    parser.add_argument(
+        "--ghz", type=float, default=0.0, help="clock for the peak (default: measured)"
+    )
+    parser.add_argument("--fma-units", type=int, default=2, help="FMA pipes per core (default 2)")
+    args = parser.parse_args()
+    if args.board.lstrip().startswith("{"):
+        target = tvm.target.Target(json.loads(args.board))
+    else:
+        target = load_board(args.board).tvm_target()
+    cores = int(os.environ["TVM_NUM_THREADS"])
+    lanes = cpu_info(target).lanes
+    ghz = args.ghz or measured_ghz() or cpu_ghz()
+    peak = cores * ghz * args.fma_units * lanes * 2
+    print(f"clock: {ghz:.2f} GHz used (measured with a 1-cycle loop; /proc/cpuinfo says "
+          f"{cpu_ghz():.2f} GHz nominal)")
+
+    print(f"target {target.kind.name} {target.attrs.get('mcpu', '')}, {cores} threads, "
+          f"{lanes} fp32 lanes; peak {cores} x {ghz:.2f} GHz x {args.fma_units} FMA x {lanes} "
+          f"lanes x 2 = {peak:.0f} GFLOP/s")
+    head = (f"{'layer':10} {'C':>4} {'K':>4} {'HxW':>7} | {'MEC MiB':>8} {'im2col MiB':>10} "
+            f"{'ratio':>5} | {'MEC ms':>7} {'im2col ms':>9} {'speedup':>7} | {'MEC GF/s':>8}")
+    print(head)
+    print("-" * len(head))
+    best = (0.0, "")
+    rng = np.random.default_rng(1)
+    for name, c, k, size in VGG19_CONVS:
+        mod = conv_module(c, k, size)
+        x = rng.standard_normal((1, c, size, size)).astype(np.float32)
+        mec_b, col_b = (lowered_bytes(kind, c, size, target, k) for kind in ("mec", "im2col"))
+        mec_s = time_layer(mod, target, "mec", x, args.repeat)
+        col_s = time_layer(mod, target, "im2col", x, args.repeat)
+        gflops = 2.0 * k * c * 9 * size * size / mec_s / 1e9
+        best = max(best, (gflops, name))
+        print(f"{name:10} {c:4} {k:4} {size:3}x{size:<3} | {mec_b / 2**20:8.2f} "
+              f"{col_b / 2**20:10.2f} {col_b / mec_b:5.2f} | {mec_s * 1e3:7.2f} {col_s * 1e3:9.2f} "
+              f"{col_s / mec_s:7.2f} | {gflops:8.1f}")
+    print(f"best MEC layer {best[1]}: {best[0]:.1f} GFLOP/s = {best[0] / peak:.0%} of the "
+          f"{peak:.0f} GFLOP/s fp32 peak of this target's vector ISA")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""edgecomp's lowering pipeline: imported Relax module -> module ready for ``tvm.compile``.
+
+Phases (numbered as the comments in :func:`lower`):
+
+1. edgecomp's graph passes (decomposition, re-fusion): the hook where the lead inserts them.
+2. Legalize: constants folded first (weight transposes, bias reshapes), then every Relax op
+   becomes a TE prim func, convolutions through edgecomp's MEC / depthwise kernels.
+3. Fuse: TVM's ``AnnotateTIROpPattern`` + ``FuseOps`` + ``FuseTIR``, so bias and ReLU become
+   the epilogue of the convolution / matmul they follow.
+4. Schedule: edgecomp's default rules (``edgecomp.kernels.default_rules``) on every prim func.
+5. Finish for ``tvm.compile``: ``tvm.compile``'s own default pipeline then only does the
+   dataflow lowering and memory planning (it re-runs ``LegalizeOps``, which finds nothing left,
+   and on GPU targets dlight, which skips functions already marked scheduled).
+
+Set ``EDGECOMP_DUMP_IR=<dir>`` (or pass ``dump_dir``) to write the module after each phase.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight
+
+from edgecomp.errors import EdgecompError
+from edgecomp.kernels import default_rules, legalize_conv2d, legalize_conv2d_im2col
+
+DUMP_ENV = "EDGECOMP_DUMP_IR"
+
+
+def graph_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """edgecomp's own Relax graph passes, run before legalization (phase 1).
+
+    The decomposition and re-fusion passes are inserted here by the lead; the list is empty
+    until then.
+    """
+    del target  # the passes that will live here take the target in their constructors
+    return []
+
+
+CONV_LOWERINGS = {"mec": legalize_conv2d, "im2col": legalize_conv2d_im2col}
+
+
+def lower(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    *,
+    conv: str = "mec",
+    dump_dir: str | os.PathLike[str] | None = None,
+) -> tvm.IRModule:
+    """Turn an imported Relax module (weights as constants) into one ready for ``tvm.compile``.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        Relax module, e.g. from ``tvm.relax.frontend.onnx.from_onnx(model,
+        keep_params_in_input=False)``.
+    target : tvm.target.Target
+        CPU (llvm: x86, aarch64, armv7) or GPU (``opencl`` Mali, with an llvm host) target.
+    conv : {"mec", "im2col"}
+        Convolution lowering; im2col exists to measure MEC against.
+    dump_dir : path, optional
+        Write the module's script after each phase here (default: ``$EDGECOMP_DUMP_IR``).
+
+    Returns
+    -------
+    tvm.IRModule
+        Module whose prim funcs are all scheduled; build it with ``tvm.compile(mod, target)``.
+    """
+    if conv not in CONV_LOWERINGS:
+        raise EdgecompError(
+            f"unknown convolution lowering {conv!r}; use one of {', '.join(CONV_LOWERINGS)}"
+        )
+    dump_to = dump_dir or os.environ.get(DUMP_ENV)
+    dump = Path(dump_to) if dump_to else None
+
+    def phase(name: str, passes: list[tvm.transform.Pass], module: tvm.IRModule) -> tvm.IRModule:
+        module = tvm.transform.Sequential(passes, name=f"edgecomp.{name}")(module)
+        if dump is not None:
+            dump.mkdir(parents=True, exist_ok=True)
+            (dump / f"{name}.py").write_text(module.script(show_meta=False))
+        return module
+
+    with target:
+        # (1) edgecomp graph passes: decomposition and re-fusion go here (lead inserts them).
+        mod = phase("1_graph", graph_passes(target), mod)
+        # (2) legalize with edgecomp kernels. Fold constants first so that weight transposes
+        #     (Gemm's transB) and bias reshapes are done at compile time, not per inference.
+        mod = phase(
+            "2_legalize",
+            [
+                relax.transform.FoldConstant(),
+                relax.transform.LegalizeOps(
+                    customize_legalize_map={"relax.nn.conv2d": CONV_LOWERINGS[conv]}
+                ),
+            ],
+            mod,
+        )
+        # (3) fuse: op patterns let FuseOps put elementwise epilogues behind conv / matmul;
+        #     FoldConstant after legalization folds what only became constant as a prim func.
+        mod = phase(
+            "3_fuse",
+            [
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                relax.transform.DeadCodeElimination(),
+            ],
+            mod,
+        )
+        # (4) schedule every prim func with edgecomp's default rules.
+        mod = phase("4_schedule", [dlight.ApplyDefaultSchedule(*default_rules(target))], mod)
+    # (5) nothing else is needed: tvm.compile's default relax pipeline does the dataflow
+    #     lowering (ToNonDataflow, CallTIRRewrite, StaticPlanBlockMemory, VMShapeLower ...).
+    return mod

@@ -26,18 +26,18 @@ from tvm.s_tir import dlight
 
 from edgecomp.errors import EdgecompError
 from edgecomp.kernels import default_rules, legalize_conv2d, legalize_conv2d_im2col
+from edgecomp.passes.refuse_chains import RefuseChains
 
 DUMP_ENV = "EDGECOMP_DUMP_IR"
 
 
-def graph_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+def graph_passes(target: tvm.target.Target, refuse: bool = True) -> list[tvm.transform.Pass]:
     """edgecomp's own Relax graph passes, run before legalization (phase 1).
 
-    The decomposition and re-fusion passes are inserted here by the lead; the list is empty
-    until then.
+    Decomposition (``DecomposeConv``) runs before ``lower`` because it takes the user's rank
+    policy; here, re-fusion turns each factor chain it produced into one kernel (T1000).
     """
-    del target  # the passes that will live here take the target in their constructors
-    return []
+    return [RefuseChains(target)] if refuse else []
 
 
 CONV_LOWERINGS = {"mec": legalize_conv2d, "im2col": legalize_conv2d_im2col}
@@ -48,6 +48,7 @@ def lower(
     target: tvm.target.Target,
     *,
     conv: str = "mec",
+    refuse: bool = True,
     dump_dir: str | os.PathLike[str] | None = None,
 ) -> tvm.IRModule:
     """Turn an imported Relax module (weights as constants) into one ready for ``tvm.compile``.
@@ -61,6 +62,8 @@ def lower(
         CPU (llvm: x86, aarch64, armv7) or GPU (``opencl`` Mali, with an llvm host) target.
     conv : {"mec", "im2col"}
         Convolution lowering; im2col exists to measure MEC against.
+    refuse : bool
+        Re-fuse decomposed factor chains into one kernel each (phase 1).
     dump_dir : path, optional
         Write the module's script after each phase here (default: ``$EDGECOMP_DUMP_IR``).
 
@@ -84,8 +87,8 @@ def lower(
         return module
 
     with target:
-        # (1) edgecomp graph passes: decomposition and re-fusion go here (lead inserts them).
-        mod = phase("1_graph", graph_passes(target), mod)
+        # (1) edgecomp graph passes: re-fuse the factor chains DecomposeConv produced.
+        mod = phase("1_graph", graph_passes(target, refuse), mod)
         # (2) legalize with edgecomp kernels. Fold constants first so that weight transposes
         #     (Gemm's transB) and bias reshapes are done at compile time, not per inference.
         mod = phase(

@@ -3,6 +3,8 @@
 - :mod:`edgecomp.kernels.mec_conv` - MEC convolution (and direct depthwise), its Relax
   legalization and its schedule rule.
 - :mod:`edgecomp.kernels.im2col_conv` - the im2col lowering MEC is compared against.
+- :mod:`edgecomp.kernels.fused_chain` - one kernel for a whole CP / Tucker-2 / GKPD chain
+  (T1000 re-fusion), intermediates per output tile.
 - :mod:`edgecomp.kernels.schedules` - rules for matmul and everything else.
 """
 
@@ -12,6 +14,7 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
+from edgecomp.kernels.fused_chain import FusedChainRule
 from edgecomp.kernels.mec_conv import ConvSchedule, legalize_conv2d, legalize_conv2d_im2col
 from edgecomp.kernels.schedules import CpuFallback, Matmul
 from edgecomp.kernels.target_info import is_gpu
@@ -34,12 +37,13 @@ def default_rules(target: Target) -> list[ScheduleRule]:
             dlight.gpu.GeneralReduction(),
             dlight.gpu.Fallback(),
         ]
-    return [ConvSchedule(), Matmul(), CpuFallback()]
+    return [FusedChainRule(), ConvSchedule(), Matmul(), CpuFallback()]
 
 
 __all__ = [
     "ConvSchedule",
     "CpuFallback",
+    "FusedChainRule",
     "Matmul",
     "default_rules",
     "legalize_conv2d",

@@ -1,0 +1,469 @@
+"""RefuseChains and the fused chain kernels (edgecomp.passes.refuse_chains, kernels.fused_chain).
+
+Numeric tests compare, on the host, the fused chain with the same chain compiled op by op by
+stock TVM, with a numpy reference of the chain, and with the dense convolution the factors
+stand for. Structural tests check what the pass rewrites and what it leaves alone; the TIR test
+checks that the scheduled kernel allocates its intermediates at tile size; the last tests build
+for aarch64 / armv7 and check GPU targets are left unfused.
+
+The GKPD chain is built here by :func:`gkpd_chain_module` in the form ``refuse_chains`` assumes
+(see its module docstring) until ``DecomposeConv`` fixes its own.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight
+
+from edgecomp.kernels import fused_chain as fc
+from edgecomp.passes import refuse_chains
+from edgecomp.passes.refuse_chains import RefuseChains
+from edgecomp.targets import elf_arch, load_board
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+
+
+# ----------------------------------------------------------------------------- references
+def np_conv2d(
+    x: np.ndarray,
+    w: np.ndarray,
+    strides: tuple[int, int] = (1, 1),
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+) -> np.ndarray:
+    """NCHW / OIHW grouped convolution in float64 numpy: the independent reference."""
+    n, _, h, wd = x.shape
+    k, cg, kh, kw = w.shape
+    (sh, sw), (pt, pl, pb, pr), (dh, dw) = strides, padding, dilation
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    wo = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((n, k, ho, wo))
+    kg = k // groups
+    for g in range(groups):
+        xs, ws = xp[:, g * cg : (g + 1) * cg], w[g * kg : (g + 1) * kg].astype(np.float64)
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[
+                    :,
+                    :,
+                    i * dh : i * dh + sh * (ho - 1) + 1 : sh,
+                    j * dw : j * dw + sw * (wo - 1) + 1 : sw,
+                ]
+                out[:, g * kg : (g + 1) * kg] += np.einsum("nchw,kc->nkhw", patch, ws[:, :, i, j])
+    return out
+
+
+class Chain:
+    """One hand-built factor chain: its Relax module and three ways to compute it in numpy."""
+
+    def __init__(
+        self,
+        mod: tvm.IRModule,
+        chain_ref: Callable[[np.ndarray], np.ndarray],
+        dense: np.ndarray,
+        geom: fc.ConvGeometry,
+        bias: np.ndarray,
+    ) -> None:
+        self.mod, self.chain_ref, self.dense, self.geom, self.bias = (
+            mod,
+            chain_ref,
+            dense,
+            geom,
+            bias,
+        )
+
+    def dense_ref(self, x: np.ndarray) -> np.ndarray:
+        g = self.geom
+        return np_conv2d(x, self.dense, g.strides, g.padding, g.dilation) + self.bias
+
+
+def _module(
+    x_shape: tuple[int, ...], body: Callable[[relax.BlockBuilder, relax.Var], relax.Expr]
+) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _conv(bb: relax.BlockBuilder, x: relax.Expr, w: np.ndarray, **kw: object) -> relax.Var:
+    return bb.emit(relax.op.nn.conv2d(x, relax.const(w), **kw))
+
+
+def cp_chain_module(
+    rng: np.random.Generator,
+    c: int,
+    hw: tuple[int, int],
+    r: int,
+    k: int,
+    kh: int,
+    kw: int,
+    geom: fc.ConvGeometry,
+    batch: int = 1,
+) -> Chain:
+    """CP rank r in the DecomposeConv contract (1x1, kh x 1 dw, 1 x kw dw, 1x1) + bias."""
+    w1, wv = rng.standard_normal((r, c, 1, 1)), rng.standard_normal((r, 1, kh, 1))
+    wh, w4 = rng.standard_normal((r, 1, 1, kw)), rng.standard_normal((k, r, 1, 1))
+    w1, wv, wh, w4 = (a.astype("float32") for a in (w1, wv, wh, w4))
+    bias = rng.standard_normal((1, k, 1, 1)).astype("float32")
+    (sh, sw), (pt, pl, pb, pr), (dh, dw) = geom.strides, geom.padding, geom.dilation
+    vert = dict(strides=(sh, 1), padding=(pt, 0, pb, 0), dilation=(dh, 1), groups=r)
+    horiz = dict(strides=(1, sw), padding=(0, pl, 0, pr), dilation=(1, dw), groups=r)
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        t = _conv(bb, _conv(bb, _conv(bb, x, w1), wv, **vert), wh, **horiz)
+        return relax.op.add(_conv(bb, t, w4), relax.const(bias))
+
+    def chain_ref(x: np.ndarray) -> np.ndarray:
+        t = np_conv2d(np_conv2d(np_conv2d(x, w1), wv, **vert), wh, **horiz)  # type: ignore[arg-type]
+        return np_conv2d(t, w4) + bias
+
+    dense = np.einsum(
+        "rc,ri,rj,kr->kcij", w1[:, :, 0, 0], wv[:, 0, :, 0], wh[:, 0, 0, :], w4[:, :, 0, 0]
+    )
+    return Chain(_module((batch, c, *hw), body), chain_ref, dense, geom, bias)
+
+
+def tucker2_chain_module(
+    rng: np.random.Generator,
+    c: int,
+    hw: tuple[int, int],
+    r3: int,
+    r4: int,
+    k: int,
+    kh: int,
+    kw: int,
+    geom: fc.ConvGeometry,
+) -> Chain:
+    """Tucker-2 (1x1 C->R3, kh x kw R3->R4 with the conv's stride/padding/dilation, 1x1) + bias."""
+    w1 = rng.standard_normal((r3, c, 1, 1)).astype("float32")
+    core = rng.standard_normal((r4, r3, kh, kw)).astype("float32")
+    w3 = rng.standard_normal((k, r4, 1, 1)).astype("float32")
+    bias = rng.standard_normal((1, k, 1, 1)).astype("float32")
+    attrs = dict(strides=geom.strides, padding=geom.padding, dilation=geom.dilation)
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        t = _conv(bb, _conv(bb, x, w1), core, **attrs)
+        return relax.op.add(_conv(bb, t, w3), relax.const(bias))
+
+    def chain_ref(x: np.ndarray) -> np.ndarray:
+        return np_conv2d(np_conv2d(np_conv2d(x, w1), core, **attrs), w3) + bias  # type: ignore[arg-type]
+
+    dense = np.einsum("kq,qpij,pc->kcij", w3[:, :, 0, 0], core, w1[:, :, 0, 0])
+    return Chain(_module((1, c, *hw), body), chain_ref, dense, geom, bias)
+
+
+def gkpd_chain_module(
+    rng: np.random.Generator,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    hw: tuple[int, int],
+    geom: fc.ConvGeometry,
+) -> Chain:
+    """GKPD ``sum_r A_r (x) B_r`` as plain ops: B conv (grouped over C1) -> regroup -> A conv
+    (grouped over K2, dilation = B's spatial size x the conv's) -> reorder channels; + bias."""
+    a = rng.standard_normal(a_shape).astype("float32")  # [R, K1, C1, kh1, kw1]
+    b = rng.standard_normal(b_shape).astype("float32")  # [R, K2, C2, kh2, kw2]
+    rank, k1, c1, kh1, kw1 = a_shape
+    _, k2, c2, kh2, kw2 = b_shape
+    (dh, dw) = geom.dilation
+    # B repeated for each input channel group c1 -> out channels (c1, r, k2).
+    wb = np.broadcast_to(b.reshape(1, rank * k2, c2, kh2, kw2), (c1, rank * k2, c2, kh2, kw2))
+    wb = np.ascontiguousarray(wb.reshape(c1 * rank * k2, c2, kh2, kw2))
+    # A repeated for each k2 group: in channels (r, c1), out channels (k2, k1).
+    wa = np.broadcast_to(a.transpose(1, 0, 2, 3, 4)[None], (k2, k1, rank, c1, kh1, kw1))
+    wa = np.ascontiguousarray(wa.reshape(k2 * k1, rank * c1, kh1, kw1))
+    bias = rng.standard_normal((1, k1 * k2, 1, 1)).astype("float32")
+    h, w = hw
+    hz = h + geom.padding[0] + geom.padding[2] - dh * (kh2 - 1)
+    wz = w + geom.padding[1] + geom.padding[3] - dw * (kw2 - 1)
+    a_attrs = dict(strides=geom.strides, dilation=(kh2 * dh, kw2 * dw), groups=k2)
+    b_attrs = dict(padding=geom.padding, dilation=geom.dilation, groups=c1)
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        z = _conv(bb, x, wb, **b_attrs)
+        z = bb.emit(relax.op.reshape(z, (1, c1, rank, k2, hz, wz)))
+        z = bb.emit(relax.op.permute_dims(z, [0, 3, 2, 1, 4, 5]))
+        z = bb.emit(relax.op.reshape(z, (1, k2 * rank * c1, hz, wz)))
+        y = _conv(bb, z, wa, **a_attrs)
+        ho, wo = (int(d) for d in y.ty.shape.values[2:])
+        y = bb.emit(relax.op.reshape(y, (1, k2, k1, ho, wo)))
+        y = bb.emit(relax.op.permute_dims(y, [0, 2, 1, 3, 4]))
+        y = bb.emit(relax.op.reshape(y, (1, k1 * k2, ho, wo)))
+        return relax.op.add(y, relax.const(bias))
+
+    def chain_ref(x: np.ndarray) -> np.ndarray:
+        z = np_conv2d(x, wb, **b_attrs)  # type: ignore[arg-type]
+        z = z.reshape(1, c1, rank, k2, hz, wz).transpose(0, 3, 2, 1, 4, 5).reshape(1, -1, hz, wz)
+        y = np_conv2d(z, wa, **a_attrs)  # type: ignore[arg-type]
+        ho, wo = y.shape[2:]
+        return y.reshape(1, k2, k1, ho, wo).transpose(0, 2, 1, 3, 4).reshape(1, -1, ho, wo) + bias
+
+    dense = sum(np.kron(a[r], b[r]) for r in range(rank))
+    return Chain(_module((1, c1 * c2, *hw), body), chain_ref, dense, geom, bias)
+
+
+# ----------------------------------------------------------------------------- helpers
+def refuse(mod: tvm.IRModule, target: tvm.target.Target = HOST) -> tvm.IRModule:
+    """RefuseChains then FusedChainRule, as a pipeline would run them."""
+    mod = RefuseChains(target)(mod)
+    with target:
+        return dlight.ApplyDefaultSchedule(fc.FusedChainRule())(mod)
+
+
+def run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.compile(mod, target=HOST), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def ops_of(mod: tvm.IRModule) -> list[str]:
+    """Names of the ops called in ``main``, in order (``call_tir`` for fused kernels)."""
+    names: list[str] = []
+
+    def visit(e: relax.Expr) -> None:
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            names.append(e.op.name)
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return names
+
+
+def fused_prims(mod: tvm.IRModule) -> list[tvm.tirx.PrimFunc]:
+    return [
+        f
+        for _, f in mod.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and fc.ATTR_KIND in f.attrs
+    ]
+
+
+GEOMS = {
+    "s1p1": fc.ConvGeometry((1, 1), (1, 1, 1, 1), (1, 1)),
+    "s2p1": fc.ConvGeometry((2, 2), (1, 1, 1, 1), (1, 1)),
+}
+
+CASES: dict[str, Callable[[np.random.Generator, fc.ConvGeometry], Chain]] = {
+    "cp": lambda rng, g: cp_chain_module(rng, 6, (12, 11), 5, 7, 3, 3, g),
+    "tucker2": lambda rng, g: tucker2_chain_module(rng, 6, (12, 11), 4, 5, 7, 3, 3, g),
+    # A 3x1 / B 1x3 spatial split, C = 2*3, K = 2*4: every factor dimension is non-trivial.
+    "gkpd": lambda rng, g: gkpd_chain_module(rng, (2, 2, 2, 3, 1), (2, 4, 3, 1, 3), (12, 11), g),
+}
+
+
+# ----------------------------------------------------------------------------- numerics
+# Tile choices to force: (rows, rank block), rows None = the whole map (no row tiling).
+TILINGS = {"auto": None, "rows2_rb2": (2, 2), "whole_rb3": (None, 3)}
+
+
+@pytest.mark.parametrize("tiling", list(TILINGS))
+@pytest.mark.parametrize("geom", list(GEOMS), ids=list(GEOMS))
+@pytest.mark.parametrize("kind", list(CASES))
+def test_fused_equals_unfused_and_dense(
+    kind: str, geom: str, tiling: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forced = TILINGS[tiling]
+    if forced is not None:
+        rows, rb = forced
+        monkeypatch.setattr(
+            refuse_chains,
+            "choose_tiles",
+            lambda spec, threads, lanes: (rows or spec.out_hw[0], rb),
+        )
+    rng = np.random.default_rng(0)
+    chain = CASES[kind](rng, GEOMS[geom])
+    x_shape = tuple(int(d) for d in chain.mod["main"].params[0].ty.shape.values)
+    x = rng.standard_normal(x_shape).astype("float32")
+    fused_mod = refuse(chain.mod)
+    assert ops_of(fused_mod).count("relax.call_tir") == 1
+    assert "relax.nn.conv2d" not in ops_of(fused_mod)
+    want = chain.chain_ref(x)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(
+        chain.dense_ref(x), want, rtol=1e-5, atol=1e-5 * scale
+    )  # test's maths
+    fused = run(fused_mod, x)
+    unfused = run(chain.mod, x)  # stock TVM, op by op
+    assert fused.shape == want.shape and fused.dtype == np.float32
+    np.testing.assert_allclose(unfused, want, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(fused, want, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_cp_asymmetric_padding_stride_dilation_batch2() -> None:
+    """Each depthwise keeps its own axis' stride, padding and dilation; batches tile too."""
+    rng = np.random.default_rng(1)
+    geom = fc.ConvGeometry((2, 1), (2, 0, 1, 1), (2, 1))
+    chain = cp_chain_module(rng, 5, (13, 12), 6, 4, 5, 3, geom, batch=2)
+    x = rng.standard_normal((2, 5, 13, 12)).astype("float32")
+    want = chain.chain_ref(x)
+    got = run(refuse(chain.mod), x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+# ----------------------------------------------------------------------------- structure
+def test_one_call_tir_replaces_the_chain_and_other_convs_stay() -> None:
+    rng = np.random.default_rng(2)
+    dense_w = rng.standard_normal((4, 4, 3, 3)).astype("float32")
+    mod = _cp_after_dense(rng, dense_w)
+    assert ops_of(mod).count("relax.nn.conv2d") == 5
+    after_mod = RefuseChains(HOST)(mod)
+    assert ops_of(after_mod) == [
+        "relax.nn.conv2d",
+        "relax.nn.relu",
+        "relax.call_tir",
+        "relax.nn.relu",
+    ]
+    # The dense conv is the very same call, weight and attributes included.
+    first_conv = after_mod["main"].body.blocks[0].bindings[0].value
+    orig_conv = mod["main"].body.blocks[0].bindings[0].value
+    tvm.ir.assert_structural_equal(first_conv, orig_conv, map_free_vars=True)
+    assert len(fused_prims(after_mod)) == 1
+
+
+def _cp_after_dense(rng: np.random.Generator, dense_w: np.ndarray) -> tvm.IRModule:
+    r, k = 3, 4
+    ws = [
+        rng.standard_normal(s).astype("float32")
+        for s in [(r, 4, 1, 1), (r, 1, 3, 1), (r, 1, 1, 3), (k, r, 1, 1)]
+    ]
+    bias = rng.standard_normal((1, k, 1, 1)).astype("float32")
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        y = bb.emit(relax.op.nn.relu(_conv(bb, x, dense_w, padding=(1, 1, 1, 1))))
+        t = _conv(bb, y, ws[0])
+        t = _conv(bb, t, ws[1], padding=(1, 0, 1, 0), groups=r)
+        t = _conv(bb, t, ws[2], padding=(0, 1, 0, 1), groups=r)
+        t = bb.emit(relax.op.add(_conv(bb, t, ws[3]), relax.const(bias)))
+        return relax.op.nn.relu(t)
+
+    return _module((1, 4, 8, 8), body)
+
+
+def test_bias_behind_a_reshape_is_folded_in() -> None:
+    """ONNX import leaves ``add(conv, reshape(bias[K]))`` until constants are folded."""
+    rng = np.random.default_rng(8)
+    r, k = 3, 4
+    shapes = [(r, 4, 1, 1), (r, 1, 3, 1), (r, 1, 1, 3), (k, r, 1, 1)]
+    ws = [rng.standard_normal(s).astype("float32") for s in shapes]
+    bias = rng.standard_normal(k).astype("float32")
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        t = _conv(bb, x, ws[0])
+        t = _conv(bb, t, ws[1], padding=(1, 0, 1, 0), groups=r)
+        t = _conv(bb, _conv(bb, t, ws[2], padding=(0, 1, 0, 1), groups=r), ws[3])
+        b = bb.emit(relax.op.reshape(relax.const(bias), (1, k, 1, 1)))
+        return relax.op.add(t, b)
+
+    mod = _module((1, 4, 8, 8), body)
+    fused = refuse(mod)
+    assert ops_of(fused) == ["relax.call_tir"]
+    x = rng.standard_normal((1, 4, 8, 8)).astype("float32")
+    want = run(mod, x)
+    np.testing.assert_allclose(run(fused, x), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_chain_with_a_shared_intermediate_is_left_alone() -> None:
+    rng = np.random.default_rng(3)
+    r = 3
+    ws = [
+        rng.standard_normal(s).astype("float32")
+        for s in [(r, 4, 1, 1), (r, 1, 3, 1), (r, 1, 1, 3), (4, r, 1, 1)]
+    ]
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        t1 = _conv(bb, x, ws[0])
+        t = _conv(
+            bb,
+            _conv(bb, t1, ws[1], padding=(1, 0, 1, 0), groups=r),
+            ws[2],
+            padding=(0, 1, 0, 1),
+            groups=r,
+        )
+        y = _conv(bb, t, ws[3])
+        return relax.op.concat([y, t1], axis=1)  # t1 has a second reader
+
+    mod = _module((1, 4, 8, 8), body)
+    tvm.ir.assert_structural_equal(RefuseChains(HOST)(mod), mod)
+
+
+def test_non_chains_and_gpu_targets_are_unchanged() -> None:
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((4, 4, 3, 3)).astype("float32")
+    plain = _module(
+        (1, 4, 8, 8),
+        lambda bb, x: relax.op.nn.conv2d(_conv(bb, x, w, padding=(1, 1, 1, 1)), relax.const(w)),
+    )
+    tvm.ir.assert_structural_equal(RefuseChains(HOST)(plain), plain)
+    chain = cp_chain_module(rng, 4, (8, 8), 3, 4, 3, 3, GEOMS["s1p1"])
+    mali = load_board("rk3399-mali").tvm_target()
+    tvm.ir.assert_structural_equal(RefuseChains(mali)(chain.mod), chain.mod)
+
+
+def test_rule_only_takes_fused_chains_on_cpus() -> None:
+    chain = cp_chain_module(np.random.default_rng(5), 4, (8, 8), 3, 4, 3, 3, GEOMS["s1p1"])
+    (prim,) = fused_prims(RefuseChains(HOST)(chain.mod))
+    rule = fc.FusedChainRule()
+    assert rule.apply(prim, HOST, False) is not None
+    assert rule.apply(prim.without_attr(fc.ATTR_KIND), HOST, False) is None
+    assert rule.apply(prim, load_board("rk3399-mali").tvm_target(), False) is None
+
+
+# ----------------------------------------------------------------------------- memory
+def test_intermediates_are_allocated_at_tile_size() -> None:
+    rng = np.random.default_rng(6)
+    chain = cp_chain_module(rng, 16, (28, 28), 24, 16, 3, 3, GEOMS["s1p1"])
+    (prim,) = fused_prims(refuse(chain.mod))
+    rows, rb = int(prim.attrs[fc.ATTR_TILE_ROWS]), int(prim.attrs[fc.ATTR_RANK_BLOCK])
+    assert rows < 28 and rb < 24  # this layer is big enough to be tiled both ways
+    allocs = fc.allocated_buffers(prim)
+    rows_in = rows + 2  # 3x1 kernel, stride 1: one halo row above and below
+    assert allocs == {
+        fc.PROJ_IN: (1, rb, rows_in, 28),
+        fc.MID[0]: (1, rb, rows, 28),
+        fc.MID[1]: (1, rb, rows, 28),
+    }
+    spec = fc.ChainSpec("cp", (1, 16, 28, 28), 16, (3, 3), (24,), GEOMS["s1p1"], True)
+    assert {k: 4 * int(np.prod(v)) for k, v in allocs.items()} == fc.fused_buffers(spec, rows, rb)
+    full = 24 * 28 * 28
+    assert all(np.prod(shape) < full / 2 for shape in allocs.values())
+
+
+def test_memory_accounting_by_hand() -> None:
+    spec = fc.ChainSpec("cp", (1, 8, 10, 10), 6, (3, 3), (4,), GEOMS["s1p1"], True)
+    # Unfused: R*H*W + R*Ho*W + R*Ho*Wo + K*Ho*Wo (before the bias add) = 400+400+400+600 floats.
+    assert sum(fc.unfused_intermediates(spec).values()) == 4 * 1800
+    # Fused, 2 rows, rank block 2: t1 2*4*10 + t2 2*2*10 + t3 2*2*10 = 160 floats per tile.
+    assert sum(fc.fused_buffers(spec, 2, 2).values()) == 4 * 160
+    mem = fc.chain_memory(spec, threads=2, rows=2, rank_block=2)
+    assert (mem.unfused_bytes, mem.fused_bytes, mem.concurrent_tiles) == (7200, 1280, 2)
+    assert mem.reduction == pytest.approx(1 - 1280 / 7200)
+    tucker = fc.ChainSpec("tucker2", (1, 8, 10, 10), 6, (3, 3), (3, 5), GEOMS["s2p1"], False)
+    # Ho = Wo = 5: R3*H*W + R4*Ho*Wo = 300 + 125; tile: R3*rows_in*W + rb*rows*Wo, rows_in = 3.
+    assert sum(fc.unfused_intermediates(tucker).values()) == 4 * 425
+    assert fc.fused_buffers(tucker, 1, 5) == {fc.PROJ_IN: 4 * 90, fc.MID[2]: 4 * 25}
+
+
+# ----------------------------------------------------------------------------- other targets
+@pytest.mark.parametrize("board", ["rasp4b", "rasp3b"])
+def test_cross_compiles_for_arm(board: str, tmp_path) -> None:  # noqa: ANN001 - pytest fixture
+    brd = load_board(board)
+    cc = brd.cross_compiler["cc"] if brd.cross_compiler else ""
+    if shutil.which(cc) is None:
+        pytest.skip(f"{cc} not installed")
+    target = brd.tvm_target()
+    chain = cp_chain_module(np.random.default_rng(7), 4, (8, 8), 4, 4, 3, 3, GEOMS["s2p1"])
+    mod = refuse(chain.mod, target)
+    assert len(fused_prims(mod)) == 1
+    ex = tvm.compile(mod, target=target)
+    path = tmp_path / "chain.so"
+    ex.export_library(str(path), fcompile=brd.fcompile())
+    assert elf_arch(path) == brd.arch

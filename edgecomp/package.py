@@ -27,7 +27,6 @@ from edgecomp.targets import Board, elf_arch
 
 LIBRARY = "model.so"
 MANIFEST = "manifest.json"
-PACKAGE_FILES = (LIBRARY, MANIFEST)
 
 
 def sha256(path: str | os.PathLike[str]) -> str:
@@ -68,7 +67,7 @@ class Package:
 
 
 @contextmanager
-def _staging(outdir: Path) -> Iterator[Path]:
+def _staging(outdir: Path, names: tuple[str, ...]) -> Iterator[Path]:
     """A temporary folder beside ``outdir`` whose package files replace ``outdir``'s on success."""
     outdir.parent.mkdir(parents=True, exist_ok=True)
     if outdir.exists() and not outdir.is_dir():
@@ -79,7 +78,7 @@ def _staging(outdir: Path) -> Iterator[Path]:
         outdir.mkdir(exist_ok=True)
         # The manifest goes last: a package folder with a manifest is always complete.
         (outdir / MANIFEST).unlink(missing_ok=True)
-        for name in PACKAGE_FILES:
+        for name in names:
             os.replace(stage / name, outdir / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -92,6 +91,7 @@ def write_package(
     outdir: str | os.PathLike[str],
     source: str | os.PathLike[str] | None = None,
     options: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Package:
     """Link ``executable`` for ``board`` and write the package folder.
 
@@ -109,10 +109,13 @@ def write_package(
         The ONNX file the package was compiled from (its checksum is recorded).
     options
         Compile options worth recording (decomposition, rank policy ...).
+    extra_files
+        More text files for the package, by name (e.g. ``report.json``); checksummed too.
     """
     outdir = Path(outdir)
     fcompile: Callable[..., None] | None = board.fcompile()
-    with _staging(outdir) as stage:
+    names = (LIBRARY, *(extra_files or {}), MANIFEST)
+    with _staging(outdir, names) as stage:
         lib = stage / LIBRARY
         try:
             if fcompile is None:
@@ -121,6 +124,10 @@ def write_package(
                 executable.export_library(str(lib), fcompile=fcompile)
         except Exception as err:  # the linker's message is what the user needs
             raise EdgecompError(f"linking {LIBRARY} for {board.name} failed: {err}") from err
+        files = {LIBRARY: lib}
+        for name, text in (extra_files or {}).items():
+            (stage / name).write_text(text)
+            files[name] = stage / name
         arch = elf_arch(lib)
         if arch != board.arch:
             raise EdgecompError(
@@ -146,7 +153,9 @@ def write_package(
                 if source is not None
                 else None
             ),
-            "files": {LIBRARY: {"sha256": sha256(lib), "bytes": lib.stat().st_size}},
+            "files": {
+                n: {"sha256": sha256(f), "bytes": f.stat().st_size} for n, f in files.items()
+            },
         }
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Package(outdir, manifest)

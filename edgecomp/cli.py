@@ -152,7 +152,7 @@ def _cmd_device_emulate(args: argparse.Namespace) -> int:
 def _cmd_device_stop(args: argparse.Namespace) -> int:
     from edgecomp.device import stop_emulated_devices
 
-    stopped = stop_emulated_devices()
+    stopped = stop_emulated_devices(args.port)
     for info in stopped:
         print(
             f"stopped {info.get('board', 'device')} on {info['host']}:{info['port']}"
@@ -164,17 +164,22 @@ def _cmd_device_stop(args: argparse.Namespace) -> int:
 
 
 def _cmd_tracker(args: argparse.Namespace) -> int:
-    from edgecomp.device import start_tracker
+    from edgecomp.rpc import serve_tracker
 
-    start_tracker(host=args.host, port=args.port)
+    serve_tracker(host=args.host, port=args.port)
     return 0
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
-    from edgecomp.device import list_devices
+    from edgecomp.rpc import list_devices
 
-    devices = list_devices(args.tracker)
-    print(devices if isinstance(devices, str) else json.dumps(devices, indent=2))
+    devices = list_devices(args.tracker, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(devices, indent=2))
+    elif not devices:
+        print(f"no device is registered at the tracker {args.tracker}")
+    for d in [] if args.json else devices:
+        print(f"{d['key']:14} {d['address']:21} free {d['free']}  queued {d['pending']}")
     return 0
 
 
@@ -361,13 +366,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9090, help="RPC server port (default 9090)")
     p.add_argument("--tracker", metavar="HOST:PORT", help="register with this tracker")
     p.add_argument("--key", help="device key at the tracker (default: the board's RPC key)")
-    sub(
+    p = sub(
         "stop",
         _cmd_device_stop,
         "stop the emulated devices started by edgecomp device emulate",
-        "edgecomp device stop",
+        "edgecomp device stop\nedgecomp device stop --port 9090",
         parent=devsubs,
     )
+    p.add_argument("--port", type=int, help="only the device on this port (default: all)")
 
     p = sub(
         "tracker",
@@ -385,6 +391,10 @@ def _parser() -> argparse.ArgumentParser:
         "edgecomp devices --tracker 127.0.0.1:9190",
     )
     p.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the tracker")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the tracker (default 10)"
+    )
 
     p = sub(
         "demo",

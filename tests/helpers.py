@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +50,19 @@ def tiny_cnn(
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
+
+
+def edgecomp(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the ``edgecomp`` command in a fresh process, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgecomp", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str], message: str) -> None:
+    """The command failed with exit 1 and a one-line error containing ``message``."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("edgecomp: error: "), result.stderr
+    assert message in lines[-1]

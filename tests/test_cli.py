@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from helpers import tiny_cnn
+from helpers import assert_clean_error, edgecomp, tiny_cnn
 
 SUBCOMMANDS = [
     ["targets"],
@@ -21,20 +18,6 @@ SUBCOMMANDS = [
     ["devices"],
     ["demo"],
 ]
-
-
-def edgecomp(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edgecomp", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def assert_clean_error(result: subprocess.CompletedProcess[str], message: str) -> None:
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("edgecomp: error: "), result.stderr
-    assert message in lines[-1]
 
 
 def test_top_level_help_lists_commands_with_an_example():

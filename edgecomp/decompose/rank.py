@@ -1,0 +1,238 @@
+"""Rank policies: which rank each convolution gets, and what it costs.
+
+Policies (``--rank-policy``):
+
+- ``rank=R``: the same rank everywhere (Tucker-2: ``(min(R, K), min(R, C))``).
+- ``params=3x`` / ``flops=2x``: per layer, the largest rank whose factor chain has at least
+  that many times fewer parameters / multiply-adds than the dense conv.
+- ``error=0.05``: per layer, the smallest rank whose relative weight error is <= 0.05.
+- ``output=0.05``: per layer, the smallest rank whose relative error of the conv's output
+  (before bias) on the calibration inputs is <= 0.05; needs ``--calib``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgecomp.decompose.cp import cp_decompose, cp_max_rank
+from edgecomp.decompose.kronecker import (
+    Shape4,
+    auto_shapes,
+    kronecker_decompose,
+    kronecker_max_rank,
+)
+from edgecomp.decompose.tucker import tucker2_decompose
+from edgecomp.errors import EdgecompError
+
+METHODS = {"cp": "cp", "tucker": "tucker", "tucker2": "tucker", "kronecker": "kronecker", "gkpd": "kronecker"}  # fmt: skip
+POLICY_HELP = "rank=R | params=3x | flops=2x | error=0.05 | output=0.05"
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """A parsed ``--rank-policy``: ``kind`` in rank/params/flops/error/output and its value."""
+
+    kind: str
+    value: float
+
+    def __str__(self) -> str:
+        if self.kind == "rank":
+            return f"rank={int(self.value)}"
+        if self.kind in ("params", "flops"):
+            return f"{self.kind}={self.value:g}x"
+        return f"{self.kind}={self.value:g}"
+
+
+def canonical_method(method: str) -> str:
+    """``cp`` / ``tucker`` / ``kronecker`` (``tucker2`` and ``gkpd`` are aliases)."""
+    try:
+        return METHODS[method.lower()]
+    except KeyError:
+        raise EdgecompError(
+            f"--decompose {method!r} is not a method; allowed: cp, tucker, kronecker (gkpd)"
+        ) from None
+
+
+def parse_policy(text: str | RankPolicy) -> RankPolicy:
+    """Parse a ``--rank-policy`` string; raise EdgecompError saying what is allowed."""
+    if isinstance(text, RankPolicy):
+        return text
+    m = re.fullmatch(r"\s*(rank|params|flops|error|output)\s*=\s*([0-9.eE+-]+?)\s*(x?)\s*", text)
+    bad = EdgecompError(f"--rank-policy {text!r} does not parse; allowed: {POLICY_HELP}")
+    if not m:
+        raise bad
+    kind, num, x = m.groups()
+    try:
+        value = float(num)
+    except ValueError:
+        raise bad from None
+    if kind == "rank" and (x or value != int(value) or value < 1):
+        raise EdgecompError(f"--rank-policy {text!r}: rank must be an integer >= 1")
+    if kind in ("params", "flops") and not value > 1:
+        raise EdgecompError(f"--rank-policy {text!r}: {kind} reduction must be > 1, e.g. {kind}=2x")
+    if kind in ("error", "output") and (x or not 0 < value < 1):
+        raise EdgecompError(f"--rank-policy {text!r}: {kind} budget must be in (0, 1), e.g. {kind}=0.05")
+    return RankPolicy(kind, value)
+
+
+@dataclass(frozen=True)
+class ConvGeom:
+    """One NCHW/OIHW conv: input [C, H, W], kernel [K, C, kh, kw], stride, padding (t, l, b, r), dilation."""
+
+    in_shape: tuple[int, int, int]
+    w_shape: Shape4
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        _, h, w = self.in_shape
+        _, _, kh, kw = self.w_shape
+        pt, pl, pb, pr = self.padding
+        ho = (h + pt + pb - self.dilation[0] * (kh - 1) - 1) // self.strides[0] + 1
+        wo = (w + pl + pr - self.dilation[1] * (kw - 1) - 1) // self.strides[1] + 1
+        return ho, wo
+
+
+def dense_cost(g: ConvGeom) -> tuple[int, int]:
+    """(params, multiply-adds) of the dense conv, bias excluded."""
+    k, c, kh, kw = g.w_shape
+    ho, wo = g.out_hw
+    return k * c * kh * kw, k * c * kh * kw * ho * wo
+
+
+def chain_cost(method: str, g: ConvGeom, rank: int) -> tuple[int, int]:
+    """(params, multiply-adds) of the factor chain :mod:`edgecomp.passes.decompose_conv` emits.
+
+    GKPD params count each factor once (``R * (|A| + |B|)``), as the re-fused kernel stores them;
+    the unfused chain repeats them per channel group.
+    """
+    k, c, kh, kw = g.w_shape
+    _, h, w = g.in_shape
+    ho, wo = g.out_hw
+    pt, _, pb, _ = g.padding
+    if method == "cp":
+        # 1x1 on H x W, vertical on Ho x W (no horizontal padding/stride yet), horizontal, 1x1.
+        macs = rank * (c * h * w + kh * ho * w + kw * ho * wo + k * ho * wo)
+        return rank * (c + kh + kw + k), macs
+    if method == "tucker":
+        r_out, r_in = tucker_ranks(g.w_shape, rank)
+        macs = c * r_in * h * w + r_in * r_out * kh * kw * ho * wo + r_out * k * ho * wo
+        return c * r_in + r_in * r_out * kh * kw + r_out * k, macs
+    (k1, c1, kh1, kw1), (k2, c2, kh2, kw2) = auto_shapes(g.w_shape)
+    hz = h + pt + pb - g.dilation[0] * (kh2 - 1)
+    wz = w + g.padding[1] + g.padding[3] - g.dilation[1] * (kw2 - 1)
+    macs = c1 * rank * k2 * c2 * kh2 * kw2 * hz * wz + k * rank * c1 * kh1 * kw1 * ho * wo
+    return rank * (k1 * c1 * kh1 * kw1 + k2 * c2 * kh2 * kw2), macs
+
+
+def tucker_ranks(w_shape: Shape4, rank: int) -> tuple[int, int]:
+    """(R_out, R_in) for a scalar Tucker-2 rank: each clipped to its channel count."""
+    return min(rank, w_shape[0]), min(rank, w_shape[1])
+
+
+def max_rank(method: str, w_shape: Shape4) -> int:
+    """The largest meaningful rank: the decomposition is exact there."""
+    if method == "cp":
+        return cp_max_rank(w_shape)
+    if method == "tucker":
+        return max(w_shape[0], w_shape[1])
+    return kronecker_max_rank(w_shape)
+
+
+def factorize(method: str, weight: np.ndarray, rank: int):  # noqa: ANN201 - one of three factor types
+    """The factors of ``weight`` at ``rank`` (CPFactors, TuckerFactors or KroneckerFactors)."""
+    if method == "cp":
+        return cp_decompose(weight, rank)
+    if method == "tucker":
+        return tucker2_decompose(weight, tucker_ranks(weight.shape, rank))  # type: ignore[arg-type]
+    return kronecker_decompose(weight, rank)
+
+
+def conv2d_nchw(
+    x: np.ndarray, w: np.ndarray, strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1)
+) -> np.ndarray:  # noqa: ANN001
+    """Reference dense conv in numpy: x [N, C, H, W], w [K, C, kh, kw], padding (t, l, b, r)."""
+    k, c, kh, kw = w.shape
+    pt, pl, pb, pr = padding
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    g = ConvGeom(x.shape[1:], w.shape, tuple(strides), tuple(padding), tuple(dilation))  # type: ignore[arg-type]
+    ho, wo = g.out_hw
+    sh, sw = strides
+    dh, dw = dilation
+    out = np.zeros((x.shape[0], k, ho, wo), dtype=np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+            out += np.einsum("nchw,kc->nkhw", patch, w[:, :, i, j])
+    return out
+
+
+def choose_rank(
+    method: str,
+    policy: RankPolicy,
+    weight: np.ndarray,
+    geom: ConvGeom,
+    calib_inputs: np.ndarray | None = None,
+):  # noqa: ANN201 - (rank, factors)
+    """The rank ``policy`` gives this layer, and the factors at that rank.
+
+    Returns ``(rank, factors)``; ``(0, None)`` when no rank meets the policy at a FLOP saving.
+    """
+    top = max_rank(method, geom.w_shape)
+    if policy.kind == "rank":
+        rank = int(policy.value)
+        if rank > top:
+            raise EdgecompError(
+                f"--rank-policy rank={rank} exceeds the full rank {top} of a {method} "
+                f"decomposition of kernel {geom.w_shape}; allowed 1..{top}"
+            )
+        return rank, factorize(method, weight, rank)
+    if policy.kind in ("params", "flops"):
+        pick = 0 if policy.kind == "params" else 1
+        budget = dense_cost(geom)[pick] / policy.value
+        ok = [r for r in range(1, top + 1) if chain_cost(method, geom, r)[pick] <= budget]
+        if not ok:
+            return 0, None
+        return max(ok), factorize(method, weight, max(ok))
+    if policy.kind == "output":
+        if calib_inputs is None:
+            raise EdgecompError("--rank-policy output=... needs calibration inputs (--calib FILE.npy)")
+        ref = conv2d_nchw(calib_inputs, weight, geom.strides, geom.padding, geom.dilation)
+        norm = max(float(np.linalg.norm(ref)), 1e-30)
+
+        def measure(f) -> float:  # noqa: ANN001
+            d = conv2d_nchw(calib_inputs, f.weight() - weight, geom.strides, geom.padding, geom.dilation)
+            return float(np.linalg.norm(d)) / norm
+    else:
+
+        def measure(f) -> float:  # noqa: ANN001
+            return float(f.error)
+
+    # Past the FLOP break-even a chain never pays, so the search stops there (and CP's exact
+    # rank is far beyond it: ALS at that size would be slow for nothing).
+    dense = dense_cost(geom)[1]
+    useful = [r for r in range(1, top + 1) if chain_cost(method, geom, r)[1] < dense]
+    if not useful:
+        return 0, None
+    return _smallest_rank(lambda r: factorize(method, weight, r), measure, policy.value, max(useful))
+
+
+def _smallest_rank(fact: Callable, measure: Callable, budget: float, top: int):  # noqa: ANN202
+    """Binary search of the smallest rank <= top with ``measure <= budget`` (errors fall with
+    rank); ``(0, None)`` when even ``top`` misses the budget."""
+    lo, hi = 1, top
+    best_rank, best = 0, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        f = fact(mid)
+        if measure(f) <= budget:
+            best, best_rank, hi = f, mid, mid - 1
+        else:
+            lo = mid + 1
+    return best_rank, best

@@ -1,0 +1,293 @@
+"""DecomposeConv: replace each dense constant-weight ``relax.nn.conv2d`` by its factor chain.
+
+The chains are a contract with :mod:`edgecomp.passes.refuse_chains`, which matches them exactly:
+
+- CP rank R: conv 1x1 (C->R) -> conv groups=R (kh, 1), strides (sh, 1), padding (pt, 0, pb, 0),
+  dilation (dh, 1) -> conv groups=R (1, kw), strides (1, sw), padding (0, pl, 0, pr),
+  dilation (1, dw) -> conv 1x1 (R->K).
+- Tucker-2 (R3 in, R4 out): conv 1x1 (C->R3) -> conv kh x kw (R3->R4), original geometry ->
+  conv 1x1 (R4->K).
+- GKPD rank R: the grouped-conv / reshape / permute form derived in
+  :mod:`edgecomp.decompose.kronecker`.
+
+A bias add after the conv is left where it is (it now follows the chain's last op). Layers where
+decomposing does not pay stay dense, with the reason in :attr:`DecomposeConv.report`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir import IRModule
+from tvm.ir.expr import Constant
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from edgecomp.decompose import (
+    ConvGeom,
+    RankPolicy,
+    canonical_method,
+    chain_cost,
+    choose_rank,
+    conv2d_nchw,
+    dense_cost,
+    parse_policy,
+)
+from edgecomp.decompose.kronecker import auto_shapes
+from edgecomp.decompose.rank import tucker_ranks
+from edgecomp.errors import EdgecompError
+
+# Below this many input or output channels a chain's extra ops and memory traffic outweigh
+# the saving (a first layer on a 1- or 3-channel image is the usual case).
+MIN_CHANNELS = 8
+
+
+@dataclass
+class LayerRecord:
+    """What DecomposeConv did to one conv layer (``rank`` 0 and ``skipped`` set when left dense)."""
+
+    name: str
+    weight_shape: tuple[int, int, int, int]
+    input_shape: tuple[int, ...]
+    method: str
+    rank: int | tuple[int, int] = 0
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0  # multiply-adds, bias excluded
+    flops_after: int = 0
+    weight_error: float | None = None
+    output_error: float | None = None
+    skipped: str | None = None
+
+
+def _ints(xs) -> tuple[int, ...]:  # noqa: ANN001 - an Array of IntImm
+    return tuple(int(x) for x in xs)
+
+
+def _is_dense_candidate(call: relax.Expr) -> bool:
+    """A conv2d whose weight is a constant: the calls this pass numbers and looks at."""
+    return (
+        isinstance(call, relax.Call)
+        and call.op == tvm.ir.Op.get("relax.nn.conv2d")
+        and isinstance(call.args[1], Constant)
+    )
+
+
+def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        return _ints(ty.shape.values)
+    except (TypeError, AttributeError):
+        return None
+
+
+def _conv_candidates(func: relax.Function) -> list[relax.Call]:
+    """Candidate conv calls of ``func`` in binding order (the order the mutator sees them)."""
+    calls = []
+    if isinstance(func.body, relax.SeqExpr):
+        for block in func.body.blocks:
+            calls += [b.value for b in block.bindings if _is_dense_candidate(b.value)]
+    return calls
+
+
+def conv_layer_inputs(mod: IRModule, calib: np.ndarray) -> list[np.ndarray]:
+    """The input of every candidate conv of ``main`` for each calibration sample.
+
+    Compiles a copy of ``main`` that returns those inputs, for the host, and runs it on the VM.
+    Returns one array ``[N, C, H, W]`` per conv, in binding order.
+    """
+    main = mod["main"]
+    params = list(main.params)
+    if len(params) != 1:
+        raise EdgecompError(f"--calib supports single-input models; this one has {len(params)} inputs")
+    in_shape = _static_shape(params[0])
+    samples = _calib_samples(calib, in_shape)
+    flat = relax.transform.ToNonDataflow()(IRModule({"main": main}))["main"]
+    convs = _conv_candidates(flat)
+    if not convs:
+        return []
+    body = relax.SeqExpr(flat.body.blocks, relax.Tuple([c.args[0] for c in convs]))
+    probe = IRModule({"main": relax.Function(flat.params, body)})
+    vm = relax.VirtualMachine(tvm.compile(probe, target=tvm.target.Target("llvm")), tvm.cpu())
+    outs: list[list[np.ndarray]] = [[] for _ in convs]
+    for x in samples:
+        res = vm["main"](tvm.runtime.tensor(x))
+        for i, r in enumerate(res):
+            outs[i].append(r.numpy())
+    return [np.concatenate(o, axis=0) for o in outs]
+
+
+def _calib_samples(calib: np.ndarray, in_shape: tuple[int, ...] | None) -> list[np.ndarray]:
+    """Split calibration data into model inputs: ``in_shape`` itself, or ``[N, *in_shape[1:]]``
+    for a batch-1 model, or ``[N, *in_shape]``."""
+    calib = np.asarray(calib)
+    want = "x".join(map(str, in_shape or ()))
+    if in_shape is not None and calib.dtype.kind == "f":
+        if calib.shape == in_shape:
+            return [calib.astype(np.float32)]
+        if calib.ndim == len(in_shape) + 1 and calib.shape[1:] == in_shape:
+            return [s.astype(np.float32) for s in calib]
+        if in_shape[0] == 1 and calib.ndim == len(in_shape) and calib.shape[1:] == in_shape[1:]:
+            return [s[None].astype(np.float32) for s in calib]
+    raise EdgecompError(
+        f"--calib data of shape {calib.shape} ({calib.dtype}) does not fit the model input "
+        f"{want}: give float data shaped {want} or N x {want}"
+    )
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name="DecomposeConv")
+class DecomposeConv:
+    """Rewrite dense conv2d layers into CP / Tucker-2 / GKPD factor chains.
+
+    Parameters
+    ----------
+    method : str
+        ``cp``, ``tucker`` or ``kronecker`` (aliases ``tucker2``, ``gkpd``).
+    policy : str or RankPolicy
+        A rank policy (see :mod:`edgecomp.decompose.rank`), e.g. ``flops=2x``.
+    calib : np.ndarray, optional
+        Calibration inputs for ``main``; needed by ``output=e`` and, when given, every layer's
+        output error is reported.
+
+    Attributes
+    ----------
+    report : list of LayerRecord
+        Filled when the pass runs: one record per constant-weight conv2d.
+    force : bool
+        Emit the chain even when it saves no FLOPs (used to test chains at full rank).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        policy: str | RankPolicy,
+        calib: np.ndarray | None = None,
+        force: bool = False,
+    ) -> None:
+        self.method = canonical_method(method)
+        self.policy = parse_policy(policy)
+        if self.policy.kind == "output" and calib is None:
+            raise EdgecompError("--rank-policy output=... needs calibration inputs: pass --calib FILE.npy")
+        self.calib = calib
+        self.force = force  # emit chains even without a FLOP saving (full-rank exactness tests)
+        self.report: list[LayerRecord] = []
+
+    def transform_module(self, mod: IRModule, ctx: tvm.transform.PassContext) -> IRModule:
+        """Run the rewrite on every Relax function of ``mod``."""
+        self.report = []
+        layer_inputs: list[np.ndarray] | None = None
+        if self.calib is not None and "main" in [g.name_hint for g in mod.get_global_vars()]:
+            layer_inputs = conv_layer_inputs(mod, self.calib)
+        rewriter = _Rewriter(mod, self, layer_inputs)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.calib_on = gv.name_hint == "main"
+                rewriter.index = 0
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod: IRModule, owner: DecomposeConv, layer_inputs: list[np.ndarray] | None) -> None:
+        super().__init__(mod)
+        self.owner = owner
+        self.layer_inputs = layer_inputs
+        self.calib_on = False
+        self.index = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        new = super().visit_call_(call)
+        if not _is_dense_candidate(call):
+            return new
+        i = self.index
+        self.index += 1
+        x_in = self.layer_inputs[i] if self.layer_inputs is not None and self.calib_on else None
+        # The weight and attrs come from the original call; the data from the visited one.
+        record, chain = self._decide(call, new.args[0], f"conv{i}", x_in)
+        self.owner.report.append(record)
+        return new if chain is None else chain
+
+    def _decide(self, call: relax.Call, data: relax.Expr, name: str, x_in: np.ndarray | None):  # noqa: ANN202
+        weight = call.args[1].value.numpy()
+        attrs = call.attrs
+        in_shape = _static_shape(call.args[0]) or ()
+        record = LayerRecord(name, tuple(weight.shape), in_shape, self.owner.method)  # type: ignore[arg-type]
+        k, c, kh, kw = weight.shape if weight.ndim == 4 else (0, 0, 0, 0)
+        reason = None
+        if (attrs.data_layout, attrs.kernel_layout) != ("NCHW", "OIHW") or weight.ndim != 4:
+            reason = f"layout {attrs.data_layout}/{attrs.kernel_layout} (only NCHW/OIHW)"
+        elif len(in_shape) != 4:
+            reason = "input shape is not static"
+        elif weight.dtype != np.float32:
+            reason = f"weight dtype {weight.dtype} (only float32)"
+        elif int(attrs.groups) != 1:
+            reason = f"grouped conv (groups={int(attrs.groups)})"
+        elif kh == 1 and kw == 1:
+            reason = "1x1 conv (already a matrix product)"
+        elif min(k, c) < MIN_CHANNELS:
+            reason = f"tiny channel count (K={k}, C={c} < {MIN_CHANNELS})"
+        if reason is not None:
+            record.skipped = reason
+            return record, None
+        geom = ConvGeom(in_shape[1:], weight.shape, _ints(attrs.strides), _ints(attrs.padding), _ints(attrs.dilation))  # type: ignore[arg-type]
+        record.params_before, record.flops_before = dense_cost(geom)
+        rank, factors = choose_rank(self.owner.method, self.owner.policy, weight, geom, x_in)
+        if factors is None:
+            record.skipped = f"no rank meets {self.owner.policy} with a FLOP saving"
+            return record, None
+        record.params_after, record.flops_after = chain_cost(self.owner.method, geom, rank)
+        record.rank = tucker_ranks(weight.shape, rank) if self.owner.method == "tucker" else rank
+        record.weight_error = float(factors.error)
+        if x_in is not None:
+            ref = conv2d_nchw(x_in, weight, geom.strides, geom.padding, geom.dilation)
+            diff = conv2d_nchw(x_in, factors.weight() - weight, geom.strides, geom.padding, geom.dilation)
+            record.output_error = float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30))
+        if record.flops_after >= record.flops_before and not self.owner.force:
+            record.skipped = f"no FLOP saving at rank {record.rank}"
+            record.params_after = record.flops_after = 0
+            return record, None
+        emit = {"cp": self._cp, "tucker": self._tucker, "kronecker": self._gkpd}[self.owner.method]
+        return record, emit(data, geom, factors, "float32")
+
+    def _conv(self, x: relax.Expr, w: np.ndarray, last: bool = False, **kw) -> relax.Expr:  # noqa: ANN003
+        call = relax.op.nn.conv2d(x, relax.const(np.ascontiguousarray(w, dtype=np.float32)), **kw)
+        return call if last else self.builder_.emit(call)
+
+    def _cp(self, x: relax.Expr, g: ConvGeom, f, out_dtype: str) -> relax.Expr:  # noqa: ANN001
+        r = f.rank
+        pt, pl, pb, pr = g.padding
+        (sh, sw), (dh, dw) = g.strides, g.dilation
+        y = self._conv(x, f.s.T[:, :, None, None], out_dtype=out_dtype)
+        y = self._conv(y, f.v.T[:, None, :, None], strides=(sh, 1), padding=(pt, 0, pb, 0), dilation=(dh, 1), groups=r, out_dtype=out_dtype)  # fmt: skip
+        y = self._conv(y, f.h.T[:, None, None, :], strides=(1, sw), padding=(0, pl, 0, pr), dilation=(1, dw), groups=r, out_dtype=out_dtype)  # fmt: skip
+        return self._conv(y, f.u[:, :, None, None], last=True, out_dtype=out_dtype)
+
+    def _tucker(self, x: relax.Expr, g: ConvGeom, f, out_dtype: str) -> relax.Expr:  # noqa: ANN001
+        y = self._conv(x, f.u_in.T[:, :, None, None], out_dtype=out_dtype)
+        y = self._conv(y, f.core, strides=g.strides, padding=g.padding, dilation=g.dilation, out_dtype=out_dtype)  # fmt: skip
+        return self._conv(y, f.u_out[:, :, None, None], last=True, out_dtype=out_dtype)
+
+    def _gkpd(self, x: relax.Expr, g: ConvGeom, f, out_dtype: str) -> relax.Expr:  # noqa: ANN001
+        (k1, c1, kh1, kw1), (k2, c2, kh2, kw2) = auto_shapes(g.w_shape)
+        r = f.rank
+        n = 1
+        # WB[c1*R*K2 + r*K2 + k2] = B_r[k2]: B stacked over r, repeated for each channel group c1.
+        wb = np.tile(f.b.reshape(r * k2, c2, kh2, kw2), (c1, 1, 1, 1))
+        # WA[k2*K1 + k1, r*C1 + c1] = A_r[k1, c1]: A repeated for each output group k2.
+        wa = np.tile(f.a.transpose(1, 0, 2, 3, 4).reshape(k1, r * c1, kh1, kw1), (k2, 1, 1, 1))
+        z = self._conv(x, wb, padding=g.padding, dilation=g.dilation, groups=c1, out_dtype=out_dtype)
+        n, _, hz, wz = _static_shape(z)
+        z = self.builder_.emit(relax.op.reshape(z, (n, c1, r, k2, hz, wz)))
+        z = self.builder_.emit(relax.op.permute_dims(z, (0, 3, 2, 1, 4, 5)))
+        z = self.builder_.emit(relax.op.reshape(z, (n, k2 * r * c1, hz, wz)))
+        dil = (kh2 * g.dilation[0], kw2 * g.dilation[1])
+        y = self._conv(z, wa, strides=g.strides, dilation=dil, groups=k2, out_dtype=out_dtype)
+        _, _, ho, wo = _static_shape(y)
+        y = self.builder_.emit(relax.op.reshape(y, (n, k2, k1, ho, wo)))
+        y = self.builder_.emit(relax.op.permute_dims(y, (0, 2, 1, 3, 4)))
+        return relax.op.reshape(y, (n, k1 * k2, ho, wo))

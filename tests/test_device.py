@@ -1,0 +1,111 @@
+"""The emulated device, the tracker and RPC: real qemu-user processes, real TVM sessions."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+from helpers import assert_clean_error, edgecomp, tiny_cnn
+
+from edgecomp.build import compile_model
+from edgecomp.device import running_devices, start_emulated_device, stop_emulated_devices
+from edgecomp.errors import EdgecompError
+from edgecomp.reference import onnxruntime_outputs
+from edgecomp.rpc import connect, device_arch, free_port, list_devices, start_tracker
+from edgecomp.runner import open_package, read_inputs
+from edgecomp.targets import load_board
+
+
+@pytest.mark.device
+def test_emulated_device_is_an_aarch64_tvm_server_on_loopback(emulated_rasp4b):
+    host, port = emulated_rasp4b.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    session = connect(rpc=emulated_rasp4b, timeout=60)
+    assert device_arch(session) == "aarch64"
+    record = next(d for d in running_devices() if d["port"] == int(port))
+    assert record["board"] == "rasp4b" and record["host"] == "127.0.0.1"
+    with pytest.raises(EdgecompError, match=f"127.0.0.1:{port}: the port is in use"):
+        start_emulated_device(load_board("rasp4b"), port=int(port))
+
+
+@pytest.mark.device
+def test_tracker_registers_the_device_and_serves_it_by_key(tmp_path):
+    model = tiny_cnn(tmp_path / "tiny.onnx")
+    package = compile_model(model, "rasp4b", tmp_path / "pkg")
+    tracker_port, device_port = free_port(), free_port()
+    tracker = start_tracker(port=tracker_port)
+    address = f"127.0.0.1:{tracker_port}"
+    try:
+        start_emulated_device(load_board("rasp4b"), port=device_port, tracker=address, key="pi4")
+        (device,) = list_devices(address)
+        assert device["key"] == "pi4" and device["free"] == 1
+
+        listed = edgecomp("devices", "--tracker", address)
+        assert listed.returncode == 0 and "pi4" in listed.stdout, listed.stderr
+
+        with pytest.raises(
+            EdgecompError, match=r"no device with key 'rasp3b'.*registered keys: pi4"
+        ):
+            connect(tracker=address, key="rasp3b", timeout=10)
+
+        remote = open_package(package.path, tracker=address, key="pi4", timeout=60)
+        x = read_inputs(remote.package.inputs, None, seed=3)
+        (got,) = remote.run(x)
+        (want,) = onnxruntime_outputs(model, {"x": x[0]})
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    finally:
+        stop_emulated_devices(device_port)
+        tracker.terminate()
+    assert all(d["port"] != device_port for d in running_devices())
+
+
+@pytest.mark.device
+def test_cli_emulate_then_stop(tmp_path):
+    port = free_port()
+    started = edgecomp("device", "emulate", "--target", "rasp4b", "--port", str(port))
+    try:
+        assert started.returncode == 0, started.stderr
+        assert f"127.0.0.1:{port}" in started.stdout
+        assert device_arch(connect(rpc=f"127.0.0.1:{port}", timeout=60)) == "aarch64"
+    finally:
+        stopped = edgecomp("device", "stop", "--port", str(port))
+    assert stopped.returncode == 0 and f"127.0.0.1:{port}" in stopped.stdout
+    with pytest.raises(EdgecompError, match=f"cannot reach the RPC server at 127.0.0.1:{port}"):
+        connect(rpc=f"127.0.0.1:{port}", timeout=5)
+
+
+def test_emulating_a_board_that_cannot_be_emulated_says_why():
+    assert_clean_error(
+        edgecomp("device", "emulate", "--target", "rasp3b"), "cannot be emulated here"
+    )
+    assert_clean_error(
+        edgecomp("device", "emulate", "--target", "pi9"), "known boards: android-arm64, host"
+    )
+
+
+def test_refused_connection_names_the_address_at_once():
+    port = free_port()
+    start = time.monotonic()
+    with pytest.raises(EdgecompError, match=f"cannot reach the RPC server at 127.0.0.1:{port}"):
+        connect(rpc=f"127.0.0.1:{port}", timeout=20)
+    assert time.monotonic() - start < 5
+
+
+def test_server_that_never_answers_gives_up_within_the_timeout():
+    with socket.socket() as silent:  # accepts TCP connections (backlog), never speaks RPC
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(EdgecompError, match=f"RPC server at {address}: no answer within 2 s"):
+            connect(rpc=address, timeout=2)
+        assert time.monotonic() - start < 10
+
+
+def test_unreachable_tracker_is_named():
+    port = free_port()
+    result = edgecomp("devices", "--tracker", f"127.0.0.1:{port}", "--timeout", "3")
+    assert_clean_error(result, f"cannot reach the RPC tracker at 127.0.0.1:{port}")
+    assert_clean_error(edgecomp("devices", "--tracker", "localhost"), "expected HOST:PORT")

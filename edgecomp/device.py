@@ -140,6 +140,8 @@ def prepare(board: Board) -> Path:
             for wheel in sorted(wheels.glob("*.whl")):
                 zipfile.ZipFile(wheel).extractall(site)
             shutil.rmtree(wheels)
+            # A board runs TVM's runtime only (TVM_USE_RUNTIME_LIB=1): drop the 240 MB compiler.
+            (site / "tvm" / "lib" / "libtvm_compiler.so").unlink(missing_ok=True)
         python = work / "python"
         python.write_text(_wrapper(board, final))
         python.chmod(0o755)

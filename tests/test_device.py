@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 
 import numpy as np
@@ -109,3 +110,24 @@ def test_unreachable_tracker_is_named():
     result = edgecomp("devices", "--tracker", f"127.0.0.1:{port}", "--timeout", "3")
     assert_clean_error(result, f"cannot reach the RPC tracker at 127.0.0.1:{port}")
     assert_clean_error(edgecomp("devices", "--tracker", "localhost"), "expected HOST:PORT")
+
+
+@pytest.mark.device
+def test_device_side_runner_needs_only_the_tvm_runtime(tmp_path):
+    from edgecomp.device import prepare
+    from edgecomp.resources import data_dir
+
+    model = tiny_cnn(tmp_path / "tiny.onnx", seed=5)
+    package = compile_model(model, "rasp4b", tmp_path / "pkg")
+    x = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    device_python = prepare(load_board("rasp4b")) / "python"
+    result = subprocess.run(
+        [str(device_python), str(data_dir("deploy") / "run_model.py"), str(package.path),
+         "--input", f"x={tmp_path / 'x.npy'}", "-o", str(tmp_path / "y.npz"), "--repeat", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "latency: median" in result.stdout
+    (want,) = onnxruntime_outputs(model, {"x": x})
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["logits"], want, rtol=1e-4, atol=1e-5)

@@ -7,7 +7,10 @@ layer's bias. Both versions are compiled with TVM for the host:
 - unfused: the four ``conv2d`` ops and the bias add as separate ops, through edgecomp's lowering
   pipeline (``edgecomp.pipeline.lower``: MEC kernel for the 1x1 convolutions, the direct
   depthwise kernel for the kh x 1 / 1 x kw ones, bias fused as the epilogue);
-- fused: ``RefuseChains`` + ``FusedChainRule``, then the same pipeline.
+- fused: ``RefuseChains`` + ``FusedChainRule``, then the same pipeline. ``RefuseChains`` leaves
+  a chain unfused when fusing measured slower and its intermediates are small
+  (``edgecomp.passes.refuse_chains.fusing_pays``); such layers are marked ``kept`` and their
+  fused kernel (forced with ``RefuseChains(always=True)``) is timed too, in ``forced ms``.
 
 Reported per layer: intermediate memory (``edgecomp.kernels.fused_chain.chain_memory``; the
 fused figure is also checked against the buffers the scheduled TIR allocates), time of each
@@ -37,6 +40,7 @@ from edgecomp.kernels.fused_chain import (
     chain_memory,
 )
 from edgecomp.models import light_model
+from edgecomp.passes.refuse_chains import RefuseChains
 from edgecomp.pipeline import lower
 from edgecomp.targets import load_board
 
@@ -98,11 +102,27 @@ def build_unfused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.E
 
 
 def build_fused(
-    mod: tvm.IRModule, target: tvm.target.Target
+    mod: tvm.IRModule, target: tvm.target.Target, always: bool = False
 ) -> tuple[tvm.runtime.Executable, tvm.IRModule]:
-    """The chain re-fused (RefuseChains in phase 1) and scheduled by FusedChainRule."""
+    """The chain re-fused (RefuseChains in phase 1) and scheduled by FusedChainRule.
+
+    ``always``: fuse even where ``RefuseChains``' rule would keep the chain unfused.
+    """
+    if always:
+        mod = RefuseChains(target, always=True)(mod)
     lowered = lower(mod, target)
     return tvm.compile(lowered, target=target), lowered
+
+
+def fused_prim(mod: tvm.IRModule) -> tvm.tirx.PrimFunc | None:
+    """The fused-chain PrimFunc of ``mod``, None if the chain was left unfused."""
+    prims = [
+        f
+        for _, f in mod.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and "edgecomp.fused_chain" in (f.attrs or {})
+    ]
+    assert len(prims) <= 1, prims
+    return prims[0] if prims else None
 
 
 def make_runner(
@@ -156,7 +176,7 @@ def main() -> None:
     header = (
         f"{'layers':<14}{'C>K':>10}{'HxW':>8}{'R':>5}{'tile':>9}"
         f"{'unfused MB':>11}{'fused KB':>9}{'mem -%':>7}"
-        f"{'unf ms':>8}{'fused ms':>9}{'x':>6}{'maxdiff':>9}"
+        f"{'unf ms':>8}{'fused ms':>9}{'x':>6}{'maxdiff':>9}{'forced ms':>10}"
     )
     print(header)
     tot_unf = tot_fus = tot_stock = 0.0
@@ -167,40 +187,50 @@ def main() -> None:
         t0 = time.time()
         ex_u = build_unfused(mod, target)
         ex_f, fused_mod = build_fused(mod, target)
+        prim = fused_prim(fused_mod)
+        ex_forced, forced_mod = (
+            (ex_f, fused_mod) if prim is not None else build_fused(mod, target, True)
+        )
         build_s = time.time() - t0
-        (prim,) = [
-            f
-            for _, f in fused_mod.functions_items()
-            if isinstance(f, tvm.tirx.PrimFunc) and "edgecomp.fused_chain" in (f.attrs or {})
-        ]
-        rows, rb = int(prim.attrs["edgecomp.tile_rows"]), int(prim.attrs["edgecomp.rank_block"])
+        forced = fused_prim(forced_mod)
+        assert forced is not None
+        rows, rb = int(forced.attrs["edgecomp.tile_rows"]), int(forced.attrs["edgecomp.rank_block"])
         spec = ChainSpec(
             "cp", (1, c, h, w), k, (kh, kw), (rank,), ConvGeometry(padding=(1, 1, 1, 1)), True
         )
         mem = chain_memory(spec, 2, rows, rb)
-        measured = sum(4 * int(np.prod(s)) for s in allocated_buffers(prim).values())
+        measured = sum(4 * int(np.prod(s)) for s in allocated_buffers(forced).values())
         assert measured * mem.concurrent_tiles == mem.fused_bytes, (measured, mem)
+        fused_bytes = mem.fused_bytes if prim is not None else mem.unfused_bytes
         x = rng.standard_normal((1, c, h, w)).astype("float32")
         run_u, y_u = make_runner(ex_u, x)
         run_f, y_f = make_runner(ex_f, x)
-        t_u, t_f = interleaved_min_ms([run_u, run_f], args.repeat)
+        runners = [run_u, run_f]
+        if prim is None:
+            run_forced, y_forced = make_runner(ex_forced, x)
+            runners.append(run_forced)
+            y_f = y_forced  # the fused kernel's numerics, also for the kept layers
+        times = interleaved_min_ms(runners, args.repeat)
+        t_u, t_f = times[:2]
+        forced_col = f"{times[2]:>10.2f}" if prim is None else f"{'':>10}"
         diff = float(np.abs(y_u - y_f).max() / (np.abs(y_u).max() + 1e-12))
         n = len(names)
         tot_unf += n * t_u
         tot_fus += n * t_f
         mem_unf += n * mem.unfused_bytes
-        mem_fus += n * mem.fused_bytes
+        mem_fus += n * fused_bytes
         label = names[0] + (f" (x{n})" if n > 1 else "")
-        stock = f"   (built in {build_s:.1f} s)"
+        stock = f"{forced_col}   (built in {build_s:.1f} s)"
         if args.stock:  # one run: unscheduled TVM kernels take seconds on the big layers
             run_s, y_s = make_runner(tvm.compile(mod, target=target), x)
             t_s = run_s()
             tot_stock += n * t_s
-            stock = f"   stock TVM {t_s:.0f} ms (fused x{t_s / t_f:.1f})"
+            stock = f"{forced_col}   stock TVM {t_s:.0f} ms (fused x{t_s / t_f:.1f})"
         print(
-            f"{label:<14}{f'{c}>{k}':>10}{f'{h}x{w}':>8}{rank:>5}{f'{rows}r/{rb}':>9}"
-            f"{mem.unfused_bytes / 1e6:>11.2f}{mem.fused_bytes / 1e3:>9.1f}"
-            f"{100 * mem.reduction:>7.1f}"
+            f"{label:<14}{f'{c}>{k}':>10}{f'{h}x{w}':>8}{rank:>5}"
+            f"{f'{rows}r/{rb}' if prim is not None else 'kept':>9}"
+            f"{mem.unfused_bytes / 1e6:>11.2f}{fused_bytes / 1e3:>9.1f}"
+            f"{100 * (1 - fused_bytes / mem.unfused_bytes):>7.1f}"
             f"{t_u:>8.2f}{t_f:>9.2f}{t_u / t_f:>6.2f}{diff:>9.1e}{stock}",
             flush=True,
         )
@@ -217,7 +247,8 @@ def main() -> None:
     print(
         "memory: intermediate tensors between the separate ops (lower bound: op workspaces not"
         " counted) vs the fused kernel's per-tile buffers x tiles in flight (2, or 1 when the"
-        " whole map is one tile); 'tile' = output rows / rank block"
+        " whole map is one tile); 'tile' = output rows / rank block, 'kept' = left unfused by"
+        " RefuseChains' rule (fused ms is then the unfused chain's, forced ms the fused kernel's)"
     )
 
 

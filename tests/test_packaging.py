@@ -40,7 +40,8 @@ def test_wheel_ships_code_and_data_under_edgecomp(tmp_path):
         if "__pycache__" not in p.parts
     }
     assert sources <= names, f"modules missing from the wheel: {sorted(sources - names)}"
-    for folder in ("targets", "deploy"):
+    assert "edgecomp/zoo/digits_cnn.onnx" in names
+    for folder in ("targets", "deploy", "schedules"):
         for f in (ROOT / folder).iterdir():
             if f.is_file() and not f.name.startswith("."):
                 assert f"edgecomp/_data/{folder}/{f.name}" in names

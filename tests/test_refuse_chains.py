@@ -23,7 +23,7 @@ from tvm.s_tir import dlight
 
 from edgecomp.kernels import fused_chain as fc
 from edgecomp.passes import refuse_chains
-from edgecomp.passes.refuse_chains import RefuseChains
+from edgecomp.passes.refuse_chains import RefuseChains, fusing_pays
 from edgecomp.targets import elf_arch, load_board
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
@@ -216,8 +216,12 @@ def gkpd_chain_module(
 
 # ----------------------------------------------------------------------------- helpers
 def refuse(mod: tvm.IRModule, target: tvm.target.Target = HOST) -> tvm.IRModule:
-    """RefuseChains then FusedChainRule, as a pipeline would run them."""
-    mod = RefuseChains(target)(mod)
+    """RefuseChains then FusedChainRule, as a pipeline would run them.
+
+    ``always``: these chains are small enough for the speed rule (``fusing_pays``) to keep them
+    unfused; the tests here are about the fused kernel, so they force it.
+    """
+    mod = RefuseChains(target, always=True)(mod)
     with target:
         return dlight.ApplyDefaultSchedule(fc.FusedChainRule())(mod)
 
@@ -277,7 +281,7 @@ def test_fused_equals_unfused_and_dense(
         monkeypatch.setattr(
             refuse_chains,
             "choose_tiles",
-            lambda spec, threads, lanes: (rows or spec.out_hw[0], rb),
+            lambda spec, threads, lanes, budget: (rows or spec.out_hw[0], rb),
         )
     rng = np.random.default_rng(0)
     chain = CASES[kind](rng, GEOMS[geom])
@@ -315,7 +319,7 @@ def test_one_call_tir_replaces_the_chain_and_other_convs_stay() -> None:
     dense_w = rng.standard_normal((4, 4, 3, 3)).astype("float32")
     mod = _cp_after_dense(rng, dense_w)
     assert ops_of(mod).count("relax.nn.conv2d") == 5
-    after_mod = RefuseChains(HOST)(mod)
+    after_mod = RefuseChains(HOST, always=True)(mod)
     assert ops_of(after_mod) == [
         "relax.nn.conv2d",
         "relax.nn.relu",
@@ -392,7 +396,7 @@ def test_chain_with_a_shared_intermediate_is_left_alone() -> None:
         return relax.op.concat([y, t1], axis=1)  # t1 has a second reader
 
     mod = _module((1, 4, 8, 8), body)
-    tvm.ir.assert_structural_equal(RefuseChains(HOST)(mod), mod)
+    tvm.ir.assert_structural_equal(RefuseChains(HOST, always=True)(mod), mod)
 
 
 def test_non_chains_and_gpu_targets_are_unchanged() -> None:
@@ -402,19 +406,42 @@ def test_non_chains_and_gpu_targets_are_unchanged() -> None:
         (1, 4, 8, 8),
         lambda bb, x: relax.op.nn.conv2d(_conv(bb, x, w, padding=(1, 1, 1, 1)), relax.const(w)),
     )
-    tvm.ir.assert_structural_equal(RefuseChains(HOST)(plain), plain)
+    tvm.ir.assert_structural_equal(RefuseChains(HOST, always=True)(plain), plain)
     chain = cp_chain_module(rng, 4, (8, 8), 3, 4, 3, 3, GEOMS["s1p1"])
     mali = load_board("rk3399-mali").tvm_target()
-    tvm.ir.assert_structural_equal(RefuseChains(mali)(chain.mod), chain.mod)
+    tvm.ir.assert_structural_equal(RefuseChains(mali, always=True)(chain.mod), chain.mod)
 
 
 def test_rule_only_takes_fused_chains_on_cpus() -> None:
     chain = cp_chain_module(np.random.default_rng(5), 4, (8, 8), 3, 4, 3, 3, GEOMS["s1p1"])
-    (prim,) = fused_prims(RefuseChains(HOST)(chain.mod))
+    (prim,) = fused_prims(RefuseChains(HOST, always=True)(chain.mod))
     rule = fc.FusedChainRule()
     assert rule.apply(prim, HOST, False) is not None
     assert rule.apply(prim.without_attr(fc.ATTR_KIND), HOST, False) is None
     assert rule.apply(prim, load_board("rk3399-mali").tvm_target(), False) is None
+
+
+def test_speed_rule_keeps_small_narrow_chains_unfused() -> None:
+    # 8 x 8 = 64 pixels fill AVX-512's 16 lanes, so the rule is exercised with AVX2-sized and
+    # wider maps through fusing_pays directly, and end to end on a chain whose 6 x 6 map (36
+    # pixels: 4-lane vectors) cannot fill a vector and whose intermediates are tiny.
+    chain = cp_chain_module(np.random.default_rng(8), 4, (6, 6), 3, 4, 3, 3, GEOMS["s1p1"])
+    tvm.ir.assert_structural_equal(RefuseChains(HOST)(chain.mod), chain.mod)
+    assert len(fused_prims(RefuseChains(HOST, always=True)(chain.mod))) == 1
+
+    def vgg(c: int, hw: int, k: int) -> fc.ChainSpec:
+        rank = round(k * c * 9 / 3 / (c + 6 + k))  # the benchmark's 3x FLOP reduction
+        return fc.ChainSpec("cp", (1, c, hw, hw), k, (3, 3), (rank,), GEOMS["s1p1"], True)
+
+    # VGG-19 conv5 (14 x 14: 196 pixels = 4-lane vectors; largest intermediate 0.6 MB): kept
+    # unfused on AVX-512 (16 lanes) and AVX2 (8), fused on NEON (4 lanes fill).
+    assert not fusing_pays(vgg(512, 14, 512), 16)
+    assert not fusing_pays(vgg(512, 14, 512), 8)
+    assert fusing_pays(vgg(512, 14, 512), 4)
+    # 28 x 28 and wider fill 16 lanes: fused. So is a narrow map whose intermediates are large.
+    assert fusing_pays(vgg(512, 28, 512), 16)
+    assert fusing_pays(vgg(64, 224, 64), 16)
+    assert fusing_pays(vgg(4096, 14, 4096), 16)
 
 
 # ----------------------------------------------------------------------------- memory

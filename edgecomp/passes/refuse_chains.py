@@ -25,7 +25,8 @@ or ``[K, 1, 1]``. Every intermediate of a chain must have no other user (else fu
 compute it twice), and no op may belong to two chains.
 
 GPU targets are left unfused: :class:`~edgecomp.kernels.fused_chain.FusedChainRule` has no GPU
-schedule yet.
+schedule yet. So are CP / Tucker-2 chains the fused kernel is measured to lose on while their
+intermediates are small anyway (:func:`fusing_pays`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,15 @@ from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
 from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
 from tvm.target import Target
 
-from edgecomp.kernels.fused_chain import ChainSpec, ConvGeometry, choose_tiles, emit_fused_chain
+from edgecomp.kernels.fused_chain import (
+    TILE_BUDGET_BYTES,
+    ChainSpec,
+    ConvGeometry,
+    choose_tiles,
+    emit_fused_chain,
+    unfused_intermediates,
+    vector_fill,
+)
 from edgecomp.kernels.target_info import cpu_info, is_gpu, num_cores
 
 
@@ -342,21 +351,54 @@ def _find_chains(func: relax.Function) -> dict[relax.Call, _Chain]:
     return found
 
 
+# Intermediates up to this size stay in cache between the separate ops anyway, so fusing them
+# saves little memory that matters: 1 MiB is the smallest L2 of the boards edgecomp targets
+# (Cortex-A72 cluster; Zen 5 per core).
+SMALL_INTERMEDIATE_BYTES = 1024 * 1024
+
+
+def fusing_pays(spec: ChainSpec, lanes: int) -> bool:
+    """Whether to fuse ``spec``; False only when fusing is slower AND the intermediates are small.
+
+    Slower: the fused CP / Tucker-2 kernel vectorizes its projections along the rows x columns
+    of a tile, so a map whose ``Ho * Wo`` pixels cannot fill one vector register (``lanes``
+    fp32 lanes) runs them at a fraction of the vector width. Measured on the x86 host (Zen 5,
+    AVX-512, 16 lanes, 2 threads; ``bench/fused_vs_unfused.py``): VGG-19's 14 x 14 chains
+    (196 pixels: 4-lane vectors) take 5.9-6.4 ms fused vs 0.9-1.1 ms unfused (0.16-0.18x),
+    whatever the rank block (44 to 444). Small: the largest intermediate of the unfused chain
+    fits :data:`SMALL_INTERMEDIATE_BYTES` (there 764 x 14 x 14 floats, 0.6 MB). GKPD chains
+    are always fused (not measured).
+    """
+    if spec.kind == "gkpd":
+        return True
+    ho, wo = spec.out_hw
+    if vector_fill(ho * wo, lanes) >= 1.0:
+        return True
+    largest = max(unfused_intermediates(spec).values())
+    return largest > SMALL_INTERMEDIATE_BYTES
+
+
 @mutator
 class _Refuser(PyExprMutator):  # type: ignore[misc]
     def __init__(
-        self, mod: IRModule, chains: dict[relax.Call, _Chain], threads: int, lanes: int
+        self,
+        mod: IRModule,
+        chains: dict[relax.Call, _Chain],
+        threads: int,
+        lanes: int,
+        budget: int,
     ) -> None:
         super().__init__(mod)
         self.chains = chains
         self.threads = threads
         self.lanes = lanes
+        self.budget = budget
 
     def visit_call_(self, op: relax.Call) -> relax.Expr:
         chain = self.chains.get(op)
         if chain is None:
             return super().visit_call_(op)
-        rows, rank_block = choose_tiles(chain.spec, self.threads, self.lanes)
+        rows, rank_block = choose_tiles(chain.spec, self.threads, self.lanes, budget=self.budget)
         weights = [relax.const(w) for w in chain.weights]
         bias = relax.const(chain.bias) if chain.bias is not None else None
         data = self.visit_expr(chain.data)
@@ -372,10 +414,14 @@ class RefuseChains:
     target : Target, optional
         The compilation target (default: the current one). Its ``num-cores`` sets how many
         tiles run at once, which the tile choice balances; GPU targets are left unfused.
+    always : bool
+        Fuse every chain found, also those :func:`fusing_pays` would leave unfused (to measure
+        or test the fused kernel on them).
     """
 
-    def __init__(self, target: Target | None = None) -> None:
+    def __init__(self, target: Target | None = None, always: bool = False) -> None:
         self.target = target
+        self.always = always
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         """Rewrite every Relax function of ``mod``; PrimFuncs are left alone."""
@@ -383,15 +429,27 @@ class RefuseChains:
         if target is not None and is_gpu(target):
             return mod
         threads = max(1, num_cores(target)) if target is not None else 1
-        lanes = cpu_info(target).lanes
+        info = cpu_info(target)
+        lanes = info.lanes
+        # Per-thread tile budget: the L2 share the target table gives a core's working set, if
+        # larger than the default. On the x86 host (640 KiB) it lets 56 x 56 chains run as one
+        # whole-map tile, whose input projection vectorizes over rows x columns instead of 56
+        # columns, and 112 x 112 chains use 28-row tiles: VGG conv3 chain 0.47x -> 0.67x of
+        # unfused, conv2 0.64x -> 0.73x (bench/fused_vs_unfused.py, 2 threads); memory saved
+        # per layer still >= 95%. 224 x 224 layers get bigger tiles with no measurable change.
+        budget = max(TILE_BUDGET_BYTES, info.panel_bytes)
         changed = False
         for gvar, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function):
                 continue
-            chains = _find_chains(func)
+            chains = {
+                root: chain
+                for root, chain in _find_chains(func).items()
+                if self.always or fusing_pays(chain.spec, lanes)
+            }
             if not chains:
                 continue
-            refuser = _Refuser(mod, chains, threads, lanes)
+            refuser = _Refuser(mod, chains, threads, lanes, budget)
             new_func = refuser.visit_expr(func)
             mod = refuser.builder_.get()
             mod[gvar] = new_func

@@ -347,7 +347,12 @@ def _parser() -> argparse.ArgumentParser:
         "  edgecomp device stop",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    dev.set_defaults(handler=lambda a: (dev.print_help(), 2)[1])
+
+    def device_help(args: argparse.Namespace) -> int:
+        dev.print_help()
+        return 2
+
+    dev.set_defaults(handler=device_help)
     devsubs = dev.add_subparsers(dest="device_command", metavar="ACTION")
     p = sub(
         "emulate",

@@ -15,7 +15,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from edgecomp.errors import EdgecompError
 
-_ONNX_DTYPES = {
+_ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.DOUBLE: "float64",

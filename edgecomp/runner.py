@@ -152,7 +152,8 @@ def save_outputs(
     specs: list[TensorSpec], outputs: list[np.ndarray], path: str | os.PathLike[str]
 ) -> None:
     """Write outputs to an ``.npz`` keyed by output name."""
-    np.savez(path, **{s.name: o for s, o in zip(specs, outputs, strict=True)})
+    arrays: dict[str, Any] = {s.name: o for s, o in zip(specs, outputs, strict=True)}
+    np.savez(path, **arrays)
 
 
 def open_package(

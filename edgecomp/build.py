@@ -81,11 +81,17 @@ def compile_model(
         mod, signature = import_onnx(model, input_shapes)
     options: dict[str, Any] = {}
     if decompose is not None:
-        from edgecomp.passes.decompose_conv import DecomposeConv
+        from edgecomp.passes.decompose_conv import decompose_conv
 
         with step(f"decomposing convolutions ({decompose.method}, {decompose.policy})"):
-            mod = DecomposeConv(decompose.method, decompose.policy, calib=decompose.calib)(mod)
+            mod, layers = decompose_conv(
+                mod, decompose.method, decompose.policy, calib=decompose.calib
+            )
         options.update(decompose.to_json())
+        options["layers"] = [
+            {"layer": r.name, "rank": r.rank, "weight_error": r.weight_error, "kept": r.skipped}
+            for r in layers
+        ]
     with step(f"building for {board.name}"):
         executable = build(mod, board)
     with step(f"linking {Path(outdir) / 'model.so'}"):

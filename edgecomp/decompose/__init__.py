@@ -3,7 +3,7 @@
 from edgecomp.decompose.cp import CPFactors, cp_decompose, cp_max_rank
 from edgecomp.decompose.kronecker import (
     KroneckerFactors,
-    auto_shapes,
+    candidate_shapes,
     kronecker_decompose,
     kronecker_max_rank,
 )
@@ -27,7 +27,7 @@ __all__ = [
     "KroneckerFactors",
     "RankPolicy",
     "TuckerFactors",
-    "auto_shapes",
+    "candidate_shapes",
     "canonical_method",
     "chain_cost",
     "choose_rank",

@@ -1,7 +1,8 @@
 """GKPD: a conv kernel as a sum of R Kronecker products (Hameed et al., AAAI 2022).
 
 ``W ~= sum_r A_r (x) B_r`` with ``A_r [K1, C1, kh1, kw1]``, ``B_r [K2, C2, kh2, kw2]`` and
-``W[k1*K2 + k2, c1*C2 + c2, i1*kh2 + i2, j1*kw2 + j2] = sum_r A_r[k1, c1, i1, j1] * B_r[k2, c2, i2, j2]``.
+``W[k1*K2 + k2, c1*C2 + c2, i1*kh2 + i2, j1*kw2 + j2] =
+sum_r A_r[k1, c1, i1, j1] * B_r[k2, c2, i2, j2]``.
 
 Factors (Van Loan-Pitsianis): rearrange W so each row is one B-shaped block, i.e. the matrix
 ``M[(k1, c1, i1, j1), (k2, c2, i2, j2)]``; its rank-R truncated SVD gives ``A_r = sigma_r u_r``,
@@ -46,30 +47,58 @@ class KroneckerFactors:
     def rank(self) -> int:
         return int(self.a.shape[0])
 
+    @property
+    def shapes(self) -> tuple[Shape4, Shape4]:
+        """(A shape, B shape) of one Kronecker term."""
+        return tuple(self.a.shape[1:]), tuple(self.b.shape[1:])  # type: ignore[return-value]
+
     def weight(self) -> np.ndarray:
         """The reconstructed OIHW kernel, sum_r kron(A_r, B_r)."""
-        return sum(np.kron(a, b) for a, b in zip(self.a, self.b)).astype(np.float32)
+        return sum(np.kron(a, b) for a, b in zip(self.a, self.b, strict=True)).astype(np.float32)
 
 
-def _divisor_near_sqrt(n: int) -> int:
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d * d - n), d))
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def auto_shapes(shape: Shape4) -> tuple[Shape4, Shape4]:
-    """Factor shapes for a kernel: channels split near sqrt, the spatial kernel kept in A.
-
-    Keeping B spatially 1x1 makes the first conv a cheap grouped 1x1 and the second carry the
-    original receptive field, so both convs stay small and the split works for any kh, kw.
-    """
+def candidate_shapes(shape: Shape4) -> list[tuple[Shape4, Shape4]]:
+    """The factor shapes worth trying for a kernel: every split of the spatial kernel between
+    A and B, and for each channel count its 4 divisors nearest the square root, within a factor
+    of 4 of it (balanced factors are the expressive ones; lopsided ones degenerate into a plain
+    low-rank product). At most 16 channel splits times the spatial splits."""
     k, c, kh, kw = shape
-    k2, c2 = _divisor_near_sqrt(k), _divisor_near_sqrt(c)
-    return (k // k2, c // c2, kh, kw), (k2, c2, 1, 1)
+
+    def near_sqrt(n: int) -> list[int]:
+        near = [d for d in _divisors(n) if n**0.5 / 4 <= d <= n**0.5 * 4] or [1]
+        return sorted(near, key=lambda d: abs(np.log(d * d / n)))[:4]
+
+    shapes = []
+    for k1 in near_sqrt(k):
+        for c1 in near_sqrt(c):
+            for kh1 in _divisors(kh):
+                for kw1 in _divisors(kw):
+                    a = (k1, c1, kh1, kw1)
+                    b = (k // k1, c // c1, kh // kh1, kw // kw1)
+                    if np.prod(a) > 1 and np.prod(b) > 1:
+                        shapes.append((a, b))
+    return shapes
 
 
-def kronecker_max_rank(shape: Shape4, shapes: tuple[Shape4, Shape4] | None = None) -> int:
-    """The rank at which GKPD is exact: min(|A|, |B|)."""
-    a, b = shapes or auto_shapes(shape)
+def kronecker_max_rank(shape: Shape4, shapes: tuple[Shape4, Shape4]) -> int:
+    """The rank at which GKPD with these factor shapes is exact: min(|A|, |B|)."""
+    a, b = shapes
     return int(min(np.prod(a), np.prod(b)))
+
+
+def kronecker_spectrum(weight: np.ndarray, shapes: tuple[Shape4, Shape4]) -> np.ndarray:
+    """Relative reconstruction error at every rank 0..max for these factor shapes.
+
+    Entry ``r`` is the error of the best rank-``r`` GKPD (Eckart-Young on the rearranged
+    kernel), so choosing shapes and ranks needs one SVD per candidate, not one per rank.
+    """
+    s = np.linalg.svd(_rearrange(weight.astype(np.float64), *shapes), compute_uv=False)
+    tail = np.sqrt(np.cumsum((s**2)[::-1])[::-1])  # tail[r] = ||s[r:]||
+    return np.append(tail, 0.0) / max(float(tail[0]), 1e-30)
 
 
 def _rearrange(w: np.ndarray, a: Shape4, b: Shape4) -> np.ndarray:
@@ -80,7 +109,7 @@ def _rearrange(w: np.ndarray, a: Shape4, b: Shape4) -> np.ndarray:
 
 
 def kronecker_decompose(
-    weight: np.ndarray, rank: int, shapes: tuple[Shape4, Shape4] | None = None
+    weight: np.ndarray, rank: int, shapes: tuple[Shape4, Shape4]
 ) -> KroneckerFactors:
     """Rank-``rank`` GKPD of an OIHW kernel.
 
@@ -90,24 +119,25 @@ def kronecker_decompose(
         Kernel ``[K, C, kh, kw]``.
     rank : int
         Number of Kronecker terms, 1 <= R <= :func:`kronecker_max_rank`.
-    shapes : tuple, optional
+    shapes : tuple
         ``(A shape, B shape)``, each ``(K_i, C_i, kh_i, kw_i)`` with elementwise products equal
-        to the kernel shape; default :func:`auto_shapes`.
+        to the kernel shape (see :func:`candidate_shapes`; the rank policy picks among them).
 
     Returns
     -------
     KroneckerFactors
     """
     shape: Shape4 = tuple(int(d) for d in weight.shape)  # type: ignore[assignment]
-    a_shape, b_shape = shapes or auto_shapes(shape)
-    if tuple(x * y for x, y in zip(a_shape, b_shape)) != shape:
+    a_shape, b_shape = shapes
+    if tuple(x * y for x, y in zip(a_shape, b_shape, strict=True)) != shape:
         raise EdgecompError(
-            f"--decompose gkpd: factor shapes {a_shape} x {b_shape} do not multiply to {shape}"
+            f"--decompose kronecker: factor shapes {a_shape} x {b_shape} do not multiply to {shape}"
         )
     limit = kronecker_max_rank(shape, (a_shape, b_shape))
     if not 1 <= rank <= limit:
         raise EdgecompError(
-            f"--rank-policy: GKPD rank {rank} is out of range for kernel {shape}; allowed 1..{limit}"
+            f"--rank-policy: GKPD rank {rank} is out of range for kernel {shape};"
+            f" allowed 1..{limit}"
         )
     w = weight.astype(np.float64)
     u, s, vt = np.linalg.svd(_rearrange(w, a_shape, b_shape), full_matrices=False)

@@ -2,7 +2,8 @@
 
 Policies (``--rank-policy``):
 
-- ``rank=R``: the same rank everywhere (Tucker-2: ``(min(R, K), min(R, C))``).
+- ``rank=R``: the same rank everywhere (Tucker-2: ``(min(R, K), min(R, C))``); ``rank=full``:
+  each layer at the rank where its decomposition is exact (to check a chain, not to save).
 - ``params=3x`` / ``flops=2x``: per layer, the largest rank whose factor chain has at least
   that many times fewer parameters / multiply-adds than the dense conv.
 - ``error=0.05``: per layer, the smallest rank whose relative weight error is <= 0.05.
@@ -21,15 +22,22 @@ import numpy as np
 from edgecomp.decompose.cp import cp_decompose, cp_max_rank
 from edgecomp.decompose.kronecker import (
     Shape4,
-    auto_shapes,
+    candidate_shapes,
     kronecker_decompose,
     kronecker_max_rank,
+    kronecker_spectrum,
 )
 from edgecomp.decompose.tucker import tucker2_decompose
 from edgecomp.errors import EdgecompError
 
-METHODS = {"cp": "cp", "tucker": "tucker", "tucker2": "tucker", "kronecker": "kronecker", "gkpd": "kronecker"}  # fmt: skip
-POLICY_HELP = "rank=R | params=3x | flops=2x | error=0.05 | output=0.05"
+METHODS = {
+    "cp": "cp",
+    "tucker": "tucker",
+    "tucker2": "tucker",
+    "kronecker": "kronecker",
+    "gkpd": "kronecker",
+}
+POLICY_HELP = "rank=R | rank=full | params=3x | flops=2x | error=0.05 | output=0.05"
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,8 @@ class RankPolicy:
     value: float
 
     def __str__(self) -> str:
+        if self.kind == "rank" and self.value == float("inf"):
+            return "rank=full"
         if self.kind == "rank":
             return f"rank={int(self.value)}"
         if self.kind in ("params", "flops"):
@@ -61,6 +71,8 @@ def parse_policy(text: str | RankPolicy) -> RankPolicy:
     """Parse a ``--rank-policy`` string; raise EdgecompError saying what is allowed."""
     if isinstance(text, RankPolicy):
         return text
+    if text.strip().replace(" ", "") == "rank=full":
+        return RankPolicy("rank", float("inf"))
     m = re.fullmatch(r"\s*(rank|params|flops|error|output)\s*=\s*([0-9.eE+-]+?)\s*(x?)\s*", text)
     bad = EdgecompError(f"--rank-policy {text!r} does not parse; allowed: {POLICY_HELP}")
     if not m:
@@ -75,13 +87,16 @@ def parse_policy(text: str | RankPolicy) -> RankPolicy:
     if kind in ("params", "flops") and not value > 1:
         raise EdgecompError(f"--rank-policy {text!r}: {kind} reduction must be > 1, e.g. {kind}=2x")
     if kind in ("error", "output") and (x or not 0 < value < 1):
-        raise EdgecompError(f"--rank-policy {text!r}: {kind} budget must be in (0, 1), e.g. {kind}=0.05")
+        raise EdgecompError(
+            f"--rank-policy {text!r}: {kind} budget must be in (0, 1), e.g. {kind}=0.05"
+        )
     return RankPolicy(kind, value)
 
 
 @dataclass(frozen=True)
 class ConvGeom:
-    """One NCHW/OIHW conv: input [C, H, W], kernel [K, C, kh, kw], stride, padding (t, l, b, r), dilation."""
+    """One NCHW/OIHW conv: input [C, H, W], kernel [K, C, kh, kw], stride, padding (t, l, b, r),
+    dilation."""
 
     in_shape: tuple[int, int, int]
     w_shape: Shape4
@@ -106,11 +121,13 @@ def dense_cost(g: ConvGeom) -> tuple[int, int]:
     return k * c * kh * kw, k * c * kh * kw * ho * wo
 
 
-def chain_cost(method: str, g: ConvGeom, rank: int) -> tuple[int, int]:
+def chain_cost(
+    method: str, g: ConvGeom, rank: int, shapes: tuple[Shape4, Shape4] | None = None
+) -> tuple[int, int]:
     """(params, multiply-adds) of the factor chain :mod:`edgecomp.passes.decompose_conv` emits.
 
-    GKPD params count each factor once (``R * (|A| + |B|)``), as the re-fused kernel stores them;
-    the unfused chain repeats them per channel group.
+    GKPD needs its factor ``shapes``; its params count each factor once (``R * (|A| + |B|)``),
+    as the re-fused kernel stores them; the unfused chain repeats them per channel group.
     """
     k, c, kh, kw = g.w_shape
     _, h, w = g.in_shape
@@ -124,7 +141,9 @@ def chain_cost(method: str, g: ConvGeom, rank: int) -> tuple[int, int]:
         r_out, r_in = tucker_ranks(g.w_shape, rank)
         macs = c * r_in * h * w + r_in * r_out * kh * kw * ho * wo + r_out * k * ho * wo
         return c * r_in + r_in * r_out * kh * kw + r_out * k, macs
-    (k1, c1, kh1, kw1), (k2, c2, kh2, kw2) = auto_shapes(g.w_shape)
+    if shapes is None:
+        raise ValueError("chain_cost('kronecker', ...) needs the factor shapes")
+    (k1, c1, kh1, kw1), (k2, c2, kh2, kw2) = shapes
     hz = h + pt + pb - g.dilation[0] * (kh2 - 1)
     wz = w + g.padding[1] + g.padding[3] - g.dilation[1] * (kw2 - 1)
     macs = c1 * rank * k2 * c2 * kh2 * kw2 * hz * wz + k * rank * c1 * kh1 * kw1 * ho * wo
@@ -137,21 +156,23 @@ def tucker_ranks(w_shape: Shape4, rank: int) -> tuple[int, int]:
 
 
 def max_rank(method: str, w_shape: Shape4) -> int:
-    """The largest meaningful rank: the decomposition is exact there."""
+    """The largest meaningful rank: the decomposition is exact there (GKPD: for its best
+    factor shapes)."""
     if method == "cp":
         return cp_max_rank(w_shape)
     if method == "tucker":
         return max(w_shape[0], w_shape[1])
-    return kronecker_max_rank(w_shape)
+    return max(kronecker_max_rank(w_shape, sh) for sh in candidate_shapes(w_shape))
 
 
-def factorize(method: str, weight: np.ndarray, rank: int):  # noqa: ANN201 - one of three factor types
-    """The factors of ``weight`` at ``rank`` (CPFactors, TuckerFactors or KroneckerFactors)."""
+def factorize(method: str, weight: np.ndarray, rank: int, shapes=None):  # noqa: ANN001, ANN201
+    """The factors of ``weight`` at ``rank`` (CPFactors, TuckerFactors or KroneckerFactors;
+    GKPD also needs its factor ``shapes``)."""
     if method == "cp":
         return cp_decompose(weight, rank)
     if method == "tucker":
         return tucker2_decompose(weight, tucker_ranks(weight.shape, rank))  # type: ignore[arg-type]
-    return kronecker_decompose(weight, rank)
+    return kronecker_decompose(weight, rank, shapes)
 
 
 def conv2d_nchw(
@@ -168,8 +189,13 @@ def conv2d_nchw(
     out = np.zeros((x.shape[0], k, ho, wo), dtype=np.float64)
     for i in range(kh):
         for j in range(kw):
-            patch = xp[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
-            out += np.einsum("nchw,kc->nkhw", patch, w[:, :, i, j])
+            patch = xp[
+                :,
+                :,
+                i * dh : i * dh + sh * (ho - 1) + 1 : sh,
+                j * dw : j * dw + sw * (wo - 1) + 1 : sw,
+            ]
+            out += np.einsum("nchw,kc->nkhw", patch, w[:, :, i, j], optimize=True)
     return out
 
 
@@ -183,44 +209,110 @@ def choose_rank(
     """The rank ``policy`` gives this layer, and the factors at that rank.
 
     Returns ``(rank, factors)``; ``(0, None)`` when no rank meets the policy at a FLOP saving.
+    GKPD tries every candidate factor shape (:func:`candidate_shapes`) and keeps the one that
+    meets the policy best: the lowest error for ``rank``/``params``/``flops``, the fewest FLOPs
+    for ``error``/``output``.
     """
     top = max_rank(method, geom.w_shape)
+    if policy.kind == "rank" and top < policy.value < float("inf"):
+        raise EdgecompError(
+            f"--rank-policy rank={int(policy.value)} exceeds the full rank {top} of a {method} "
+            f"decomposition of kernel {geom.w_shape}; allowed 1..{top}"
+        )
+    if policy.kind == "output" and calib_inputs is None:
+        raise EdgecompError("--rank-policy output=... needs calibration inputs (--calib FILE.npy)")
+    if method != "kronecker":
+        return _rank_for(policy, method, weight, geom, calib_inputs, None)
+    if policy.kind == "output":  # measured per candidate shape: slow, but only with --calib
+        best = (0, None, (float("inf"), float("inf")))
+        for shapes in candidate_shapes(geom.w_shape):
+            rank, factors = _rank_for(policy, method, weight, geom, calib_inputs, shapes)
+            if factors is not None:
+                score = (chain_cost(method, geom, rank, shapes)[1], factors.error)
+                best = min(best, (rank, factors, score), key=lambda b: b[2])
+        return best[0], best[1]
+    return _choose_kronecker(policy, weight, geom)
+
+
+def _choose_kronecker(policy: RankPolicy, weight: np.ndarray, geom: ConvGeom):  # noqa: ANN202
+    """GKPD under a rank, params, flops or error policy: one SVD (singular values only) per
+    candidate shape gives the error at every rank; only the winner is factorized."""
+    dense = dense_cost(geom)
+    best: tuple[tuple[float, float], int, tuple[Shape4, Shape4]] | None = None
+    for shapes in candidate_shapes(geom.w_shape):
+        top = kronecker_max_rank(geom.w_shape, shapes)
+
+        def cost(r: int, shapes=shapes) -> tuple[int, int]:  # noqa: ANN001
+            return chain_cost("kronecker", geom, r, shapes)
+
+        full = policy.kind == "rank" and policy.value == float("inf")
+        spectrum = None if full else kronecker_spectrum(weight, shapes)
+        if policy.kind == "rank":
+            ranks = [top] if full else [int(policy.value)] if policy.value <= top else []
+        elif policy.kind in ("params", "flops"):
+            pick = 0 if policy.kind == "params" else 1
+            within = [r for r in range(1, top + 1) if cost(r)[pick] * policy.value <= dense[pick]]
+            ranks = within[-1:]  # the largest
+        else:  # error budget: the smallest rank under it, among those that save FLOPs
+            ranks = [
+                r
+                for r in range(1, top + 1)
+                if cost(r)[1] < dense[1] and spectrum[r] <= policy.value
+            ][:1]  # the smallest
+        if not ranks:
+            continue
+        rank = ranks[0]
+        error = 0.0 if spectrum is None else float(spectrum[rank])
+        score = (cost(rank)[1], error) if policy.kind == "error" or full else (error, cost(rank)[1])
+        if best is None or score < best[0]:
+            best = (score, rank, shapes)
+    if best is None:
+        return 0, None
+    _, rank, shapes = best
+    return rank, kronecker_decompose(weight, rank, shapes)
+
+
+def _rank_for(policy, method, weight, geom, calib_inputs, shapes):  # noqa: ANN001, ANN202
+    """(rank, factors) for one method (and GKPD factor shapes) under ``policy``."""
+    top = (
+        max_rank(method, geom.w_shape)
+        if shapes is None
+        else kronecker_max_rank(geom.w_shape, shapes)
+    )
     if policy.kind == "rank":
-        rank = int(policy.value)
-        if rank > top:
-            raise EdgecompError(
-                f"--rank-policy rank={rank} exceeds the full rank {top} of a {method} "
-                f"decomposition of kernel {geom.w_shape}; allowed 1..{top}"
-            )
-        return rank, factorize(method, weight, rank)
+        rank = top if policy.value == float("inf") else int(policy.value)
+        return (rank, factorize(method, weight, rank, shapes)) if rank <= top else (0, None)
+    dense = dense_cost(geom)
     if policy.kind in ("params", "flops"):
         pick = 0 if policy.kind == "params" else 1
-        budget = dense_cost(geom)[pick] / policy.value
-        ok = [r for r in range(1, top + 1) if chain_cost(method, geom, r)[pick] <= budget]
-        if not ok:
-            return 0, None
-        return max(ok), factorize(method, weight, max(ok))
+        ok = [
+            r
+            for r in range(1, top + 1)
+            if chain_cost(method, geom, r, shapes)[pick] * policy.value <= dense[pick]
+        ]
+        return (max(ok), factorize(method, weight, max(ok), shapes)) if ok else (0, None)
+    # Past the FLOP break-even a chain never pays, so the search stops there (and CP's exact
+    # rank is far beyond it: ALS at that size would be slow for nothing).
+    useful = [r for r in range(1, top + 1) if chain_cost(method, geom, r, shapes)[1] < dense[1]]
+    if not useful:
+        return 0, None
     if policy.kind == "output":
-        if calib_inputs is None:
-            raise EdgecompError("--rank-policy output=... needs calibration inputs (--calib FILE.npy)")
         ref = conv2d_nchw(calib_inputs, weight, geom.strides, geom.padding, geom.dilation)
         norm = max(float(np.linalg.norm(ref)), 1e-30)
 
         def measure(f) -> float:  # noqa: ANN001
-            d = conv2d_nchw(calib_inputs, f.weight() - weight, geom.strides, geom.padding, geom.dilation)
+            d = conv2d_nchw(
+                calib_inputs, f.weight() - weight, geom.strides, geom.padding, geom.dilation
+            )
             return float(np.linalg.norm(d)) / norm
     else:
 
         def measure(f) -> float:  # noqa: ANN001
             return float(f.error)
 
-    # Past the FLOP break-even a chain never pays, so the search stops there (and CP's exact
-    # rank is far beyond it: ALS at that size would be slow for nothing).
-    dense = dense_cost(geom)[1]
-    useful = [r for r in range(1, top + 1) if chain_cost(method, geom, r)[1] < dense]
-    if not useful:
-        return 0, None
-    return _smallest_rank(lambda r: factorize(method, weight, r), measure, policy.value, max(useful))
+    return _smallest_rank(
+        lambda r: factorize(method, weight, r, shapes), measure, policy.value, max(useful)
+    )
 
 
 def _smallest_rank(fact: Callable, measure: Callable, budget: float, top: int):  # noqa: ANN202

@@ -30,7 +30,9 @@ class TuckerFactors:
 
     def weight(self) -> np.ndarray:
         """The reconstructed OIHW kernel."""
-        return np.einsum("ka,abij,cb->kcij", self.u_out, self.core, self.u_in).astype(np.float32)
+        return np.einsum(
+            "ka,abij,cb->kcij", self.u_out, self.core, self.u_in, optimize=True
+        ).astype(np.float32)
 
 
 def _leading(m: np.ndarray, r: int) -> np.ndarray:
@@ -64,9 +66,11 @@ def tucker2_decompose(weight: np.ndarray, ranks: tuple[int, int], n_iter: int = 
     u_in = _leading(w.transpose(1, 0, 2, 3).reshape(c, -1), r_in)
     u_out = _leading(w.reshape(k, -1), r_out)
     for _ in range(n_iter):  # HOOI: each factor from the kernel projected on the other
-        u_in = _leading(np.einsum("kcij,ka->caij", w, u_out).reshape(c, -1), r_in)
-        u_out = _leading(np.einsum("kcij,cb->kbij", w, u_in).reshape(k, -1), r_out)
-    core = np.einsum("kcij,ka,cb->abij", w, u_out, u_in)
-    f = TuckerFactors(u_out.astype(np.float32), core.astype(np.float32), u_in.astype(np.float32), 0.0)
+        u_in = _leading(np.einsum("kcij,ka->caij", w, u_out, optimize=True).reshape(c, -1), r_in)
+        u_out = _leading(np.einsum("kcij,cb->kbij", w, u_in, optimize=True).reshape(k, -1), r_out)
+    core = np.einsum("kcij,ka,cb->abij", w, u_out, u_in, optimize=True)
+    f = TuckerFactors(
+        u_out.astype(np.float32), core.astype(np.float32), u_in.astype(np.float32), 0.0
+    )
     err = float(np.linalg.norm(f.weight() - w) / max(np.linalg.norm(w), 1e-30))
     return TuckerFactors(f.u_out, f.core, f.u_in, err)

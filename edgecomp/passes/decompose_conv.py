@@ -10,8 +10,11 @@ The chains are a contract with :mod:`edgecomp.passes.refuse_chains`, which match
 - GKPD rank R: the grouped-conv / reshape / permute form derived in
   :mod:`edgecomp.decompose.kronecker`.
 
-A bias add after the conv is left where it is (it now follows the chain's last op). Layers where
-decomposing does not pay stay dense, with the reason in :attr:`DecomposeConv.report`.
+A grouped conv (groups=g) is g independent convs: CP and Tucker-2 decompose each group's kernel
+at one common rank and emit the same chain with every conv grouped g ways (the depthwise convs
+g*R ways); GKPD takes groups=1 only. A bias add after the conv is left where it is (it now
+follows the chain's last op). Layers where decomposing does not pay stay dense, with the reason
+in :attr:`DecomposeConv.report`.
 """
 
 from __future__ import annotations
@@ -35,8 +38,7 @@ from edgecomp.decompose import (
     dense_cost,
     parse_policy,
 )
-from edgecomp.decompose.kronecker import auto_shapes
-from edgecomp.decompose.rank import tucker_ranks
+from edgecomp.decompose.rank import factorize, tucker_ranks
 from edgecomp.errors import EdgecompError
 
 # Below this many input or output channels a chain's extra ops and memory traffic outweigh
@@ -60,6 +62,7 @@ class LayerRecord:
     weight_error: float | None = None
     output_error: float | None = None
     skipped: str | None = None
+    factor_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # GKPD: A and B
 
 
 def _ints(xs) -> tuple[int, ...]:  # noqa: ANN001 - an Array of IntImm
@@ -103,14 +106,18 @@ def conv_layer_inputs(mod: IRModule, calib: np.ndarray) -> list[np.ndarray]:
     main = mod["main"]
     params = list(main.params)
     if len(params) != 1:
-        raise EdgecompError(f"--calib supports single-input models; this one has {len(params)} inputs")
+        raise EdgecompError(
+            f"--calib supports single-input models; this one has {len(params)} inputs"
+        )
     in_shape = _static_shape(params[0])
     samples = _calib_samples(calib, in_shape)
     flat = relax.transform.ToNonDataflow()(IRModule({"main": main}))["main"]
     convs = _conv_candidates(flat)
     if not convs:
         return []
-    body = relax.SeqExpr(flat.body.blocks, relax.Tuple([c.args[0] for c in convs]))
+    body = relax.BlockBuilder().normalize(
+        relax.SeqExpr(flat.body.blocks, relax.Tuple([c.args[0] for c in convs]))
+    )
     probe = IRModule({"main": relax.Function(flat.params, body)})
     vm = relax.VirtualMachine(tvm.compile(probe, target=tvm.target.Target("llvm")), tvm.cpu())
     outs: list[list[np.ndarray]] = [[] for _ in convs]
@@ -171,7 +178,9 @@ class DecomposeConv:
         self.method = canonical_method(method)
         self.policy = parse_policy(policy)
         if self.policy.kind == "output" and calib is None:
-            raise EdgecompError("--rank-policy output=... needs calibration inputs: pass --calib FILE.npy")
+            raise EdgecompError(
+                "--rank-policy output=... needs calibration inputs: pass --calib FILE.npy"
+            )
         self.calib = calib
         self.force = force  # emit chains even without a FLOP saving (full-rank exactness tests)
         self.report: list[LayerRecord] = []
@@ -188,17 +197,39 @@ class DecomposeConv:
                 rewriter.calib_on = gv.name_hint == "main"
                 rewriter.index = 0
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+                if rewriter.error is not None:  # kept aside: it would lose its type in TVM's FFI
+                    raise rewriter.error
         return rewriter.builder_.get()
+
+
+def decompose_conv(
+    mod: IRModule,
+    method: str,
+    policy: str | RankPolicy,
+    calib: np.ndarray | None = None,
+    force: bool = False,
+) -> tuple[IRModule, list[LayerRecord]]:
+    """Run :class:`DecomposeConv` on ``mod``; return the new module and the per-layer report.
+
+    The function form for Python callers: errors reach them as :class:`EdgecompError`
+    rather than through TVM's pass machinery.
+    """
+    transform = DecomposeConv(method, policy, calib=calib, force=force)
+    new = transform.transform_module(mod, tvm.transform.PassContext.current())
+    return new, transform.report
 
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: IRModule, owner: DecomposeConv, layer_inputs: list[np.ndarray] | None) -> None:
+    def __init__(
+        self, mod: IRModule, owner: DecomposeConv, layer_inputs: list[np.ndarray] | None
+    ) -> None:
         super().__init__(mod)
         self.owner = owner
         self.layer_inputs = layer_inputs
         self.calib_on = False
         self.index = 0
+        self.error: EdgecompError | None = None
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         new = super().visit_call_(call)
@@ -208,85 +239,152 @@ class _Rewriter(PyExprMutator):
         self.index += 1
         x_in = self.layer_inputs[i] if self.layer_inputs is not None and self.calib_on else None
         # The weight and attrs come from the original call; the data from the visited one.
-        record, chain = self._decide(call, new.args[0], f"conv{i}", x_in)
+        try:
+            record, chain = self._decide(call, new.args[0], f"conv{i}", x_in)
+        except EdgecompError as err:
+            self.error = self.error or err
+            return new
         self.owner.report.append(record)
         return new if chain is None else chain
 
     def _decide(self, call: relax.Call, data: relax.Expr, name: str, x_in: np.ndarray | None):  # noqa: ANN202
         weight = call.args[1].value.numpy()
         attrs = call.attrs
+        method = self.owner.method
         in_shape = _static_shape(call.args[0]) or ()
-        record = LayerRecord(name, tuple(weight.shape), in_shape, self.owner.method)  # type: ignore[arg-type]
+        record = LayerRecord(name, tuple(weight.shape), in_shape, method)  # type: ignore[arg-type]
         k, c, kh, kw = weight.shape if weight.ndim == 4 else (0, 0, 0, 0)
+        groups = int(attrs.groups)
         reason = None
         if (attrs.data_layout, attrs.kernel_layout) != ("NCHW", "OIHW") or weight.ndim != 4:
             reason = f"layout {attrs.data_layout}/{attrs.kernel_layout} (only NCHW/OIHW)"
         elif len(in_shape) != 4:
             reason = "input shape is not static"
-        elif weight.dtype != np.float32:
-            reason = f"weight dtype {weight.dtype} (only float32)"
-        elif int(attrs.groups) != 1:
-            reason = f"grouped conv (groups={int(attrs.groups)})"
-        elif kh == 1 and kw == 1:
-            reason = "1x1 conv (already a matrix product)"
-        elif min(k, c) < MIN_CHANNELS:
-            reason = f"tiny channel count (K={k}, C={c} < {MIN_CHANNELS})"
+        else:
+            conv = (_ints(attrs.strides), _ints(attrs.padding), _ints(attrs.dilation))
+            geom = ConvGeom(in_shape[1:], weight.shape, *conv)  # type: ignore[arg-type]
+            record.params_before, record.flops_before = dense_cost(geom)
+            # A grouped conv is `groups` independent convs: each is decomposed on its own.
+            k //= groups
+            group = ConvGeom((c, *in_shape[2:]), (k, c, kh, kw), *conv)  # type: ignore[arg-type]
+            if weight.dtype != np.float32:
+                reason = f"weight dtype {weight.dtype} (only float32)"
+            elif groups != 1 and method == "kronecker":
+                reason = f"grouped conv (groups={groups}; GKPD takes groups=1 only)"
+            elif c == 1 and groups > 1:
+                reason = f"depthwise conv (groups={groups})"
+            elif kh == 1 and kw == 1:
+                reason = "1x1 conv (already a matrix product)"
+            elif min(k, c) < MIN_CHANNELS:
+                per = " per group" if groups > 1 else ""
+                reason = f"tiny channel count{per} (K={k}, C={c} < {MIN_CHANNELS})"
         if reason is not None:
             record.skipped = reason
             return record, None
-        geom = ConvGeom(in_shape[1:], weight.shape, _ints(attrs.strides), _ints(attrs.padding), _ints(attrs.dilation))  # type: ignore[arg-type]
-        record.params_before, record.flops_before = dense_cost(geom)
-        rank, factors = choose_rank(self.owner.method, self.owner.policy, weight, geom, x_in)
-        if factors is None:
+        weights = weight.reshape(groups, k, c, kh, kw)
+        inputs = [None] * groups if x_in is None else np.split(x_in, groups, axis=1)
+        chosen = [
+            choose_rank(method, self.owner.policy, w, group, xg)
+            for w, xg in zip(weights, inputs, strict=True)
+        ]
+        if any(f is None for _, f in chosen):
             record.skipped = f"no rank meets {self.owner.policy} with a FLOP saving"
             return record, None
-        record.params_after, record.flops_after = chain_cost(self.owner.method, geom, rank)
-        record.rank = tucker_ranks(weight.shape, rank) if self.owner.method == "tucker" else rank
-        record.weight_error = float(factors.error)
+        # One rank for every group (the grouped convs of the chain need equal group sizes):
+        # the largest any group asked for.
+        rank = max(r for r, _ in chosen)
+        factors = [
+            f if r == rank else factorize(method, w, rank)
+            for (r, f), w in zip(chosen, weights, strict=True)
+        ]
+        shapes = factors[0].shapes if method == "kronecker" else None
+        cost = chain_cost(method, group, rank, shapes)
+        record.params_after, record.flops_after = cost[0] * groups, cost[1] * groups
+        record.rank = tucker_ranks(group.w_shape, rank) if method == "tucker" else rank
+        record.factor_shapes = shapes
+        approx = np.concatenate([f.weight() for f in factors], axis=0)
+        record.weight_error = float(
+            np.linalg.norm(approx - weight) / max(np.linalg.norm(weight), 1e-30)
+        )
         if x_in is not None:
-            ref = conv2d_nchw(x_in, weight, geom.strides, geom.padding, geom.dilation)
-            diff = conv2d_nchw(x_in, factors.weight() - weight, geom.strides, geom.padding, geom.dilation)
-            record.output_error = float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30))
+            diffs, refs = [], []
+            for w, f, xg in zip(weights, factors, inputs, strict=True):
+                refs.append(conv2d_nchw(xg, w, *conv))
+                diffs.append(conv2d_nchw(xg, f.weight() - w, *conv))
+            record.output_error = float(
+                np.sqrt(
+                    sum(np.sum(d**2) for d in diffs) / max(sum(np.sum(r**2) for r in refs), 1e-30)
+                )
+            )
         if record.flops_after >= record.flops_before and not self.owner.force:
             record.skipped = f"no FLOP saving at rank {record.rank}"
             record.params_after = record.flops_after = 0
             return record, None
-        emit = {"cp": self._cp, "tucker": self._tucker, "kronecker": self._gkpd}[self.owner.method]
-        return record, emit(data, geom, factors, "float32")
+        emit = {"cp": self._cp, "tucker": self._tucker, "kronecker": self._gkpd}[method]
+        return record, emit(data, geom, factors)
 
     def _conv(self, x: relax.Expr, w: np.ndarray, last: bool = False, **kw) -> relax.Expr:  # noqa: ANN003
-        call = relax.op.nn.conv2d(x, relax.const(np.ascontiguousarray(w, dtype=np.float32)), **kw)
+        weight = relax.const(np.ascontiguousarray(w, dtype=np.float32))
+        call = relax.op.nn.conv2d(x, weight, out_dtype="float32", **kw)
         return call if last else self.builder_.emit(call)
 
-    def _cp(self, x: relax.Expr, g: ConvGeom, f, out_dtype: str) -> relax.Expr:  # noqa: ANN001
-        r = f.rank
+    def _cp(self, x: relax.Expr, g: ConvGeom, fs: list) -> relax.Expr:  # noqa: ANN001
+        """1x1 (C -> R per group), depthwise kh x 1, depthwise 1 x kw, 1x1 (R -> K per group)."""
+        groups, r = len(fs), fs[0].rank
         pt, pl, pb, pr = g.padding
         (sh, sw), (dh, dw) = g.strides, g.dilation
-        y = self._conv(x, f.s.T[:, :, None, None], out_dtype=out_dtype)
-        y = self._conv(y, f.v.T[:, None, :, None], strides=(sh, 1), padding=(pt, 0, pb, 0), dilation=(dh, 1), groups=r, out_dtype=out_dtype)  # fmt: skip
-        y = self._conv(y, f.h.T[:, None, None, :], strides=(1, sw), padding=(0, pl, 0, pr), dilation=(1, dw), groups=r, out_dtype=out_dtype)  # fmt: skip
-        return self._conv(y, f.u[:, :, None, None], last=True, out_dtype=out_dtype)
+        s, v, h, u = (
+            np.concatenate(m, axis=0)
+            for m in zip(*((f.s.T, f.v.T, f.h.T, f.u) for f in fs), strict=True)
+        )
+        y = self._conv(x, s[:, :, None, None], groups=groups)
+        y = self._conv(
+            y,
+            v[:, None, :, None],
+            strides=(sh, 1),
+            padding=(pt, 0, pb, 0),
+            dilation=(dh, 1),
+            groups=groups * r,
+        )
+        y = self._conv(
+            y,
+            h[:, None, None, :],
+            strides=(1, sw),
+            padding=(0, pl, 0, pr),
+            dilation=(1, dw),
+            groups=groups * r,
+        )
+        return self._conv(y, u[:, :, None, None], last=True, groups=groups)
 
-    def _tucker(self, x: relax.Expr, g: ConvGeom, f, out_dtype: str) -> relax.Expr:  # noqa: ANN001
-        y = self._conv(x, f.u_in.T[:, :, None, None], out_dtype=out_dtype)
-        y = self._conv(y, f.core, strides=g.strides, padding=g.padding, dilation=g.dilation, out_dtype=out_dtype)  # fmt: skip
-        return self._conv(y, f.u_out[:, :, None, None], last=True, out_dtype=out_dtype)
+    def _tucker(self, x: relax.Expr, g: ConvGeom, fs: list) -> relax.Expr:  # noqa: ANN001
+        """1x1 (C -> R3 per group), the kh x kw core (R3 -> R4), 1x1 (R4 -> K per group)."""
+        groups = len(fs)
+        u_in = np.concatenate([f.u_in.T for f in fs], axis=0)
+        core = np.concatenate([f.core for f in fs], axis=0)
+        u_out = np.concatenate([f.u_out for f in fs], axis=0)
+        y = self._conv(x, u_in[:, :, None, None], groups=groups)
+        y = self._conv(
+            y, core, strides=g.strides, padding=g.padding, dilation=g.dilation, groups=groups
+        )
+        return self._conv(y, u_out[:, :, None, None], last=True, groups=groups)
 
-    def _gkpd(self, x: relax.Expr, g: ConvGeom, f, out_dtype: str) -> relax.Expr:  # noqa: ANN001
-        (k1, c1, kh1, kw1), (k2, c2, kh2, kw2) = auto_shapes(g.w_shape)
+    def _gkpd(self, x: relax.Expr, g: ConvGeom, fs: list) -> relax.Expr:  # noqa: ANN001
+        """The two-convolution form of :mod:`edgecomp.decompose.kronecker` (groups=1)."""
+        (f,) = fs
+        (k1, c1, kh1, kw1), (k2, c2, kh2, kw2) = f.shapes
         r = f.rank
         n = 1
         # WB[c1*R*K2 + r*K2 + k2] = B_r[k2]: B stacked over r, repeated for each channel group c1.
         wb = np.tile(f.b.reshape(r * k2, c2, kh2, kw2), (c1, 1, 1, 1))
         # WA[k2*K1 + k1, r*C1 + c1] = A_r[k1, c1]: A repeated for each output group k2.
         wa = np.tile(f.a.transpose(1, 0, 2, 3, 4).reshape(k1, r * c1, kh1, kw1), (k2, 1, 1, 1))
-        z = self._conv(x, wb, padding=g.padding, dilation=g.dilation, groups=c1, out_dtype=out_dtype)
+        z = self._conv(x, wb, padding=g.padding, dilation=g.dilation, groups=c1)
         n, _, hz, wz = _static_shape(z)
         z = self.builder_.emit(relax.op.reshape(z, (n, c1, r, k2, hz, wz)))
         z = self.builder_.emit(relax.op.permute_dims(z, (0, 3, 2, 1, 4, 5)))
         z = self.builder_.emit(relax.op.reshape(z, (n, k2 * r * c1, hz, wz)))
         dil = (kh2 * g.dilation[0], kw2 * g.dilation[1])
-        y = self._conv(z, wa, strides=g.strides, dilation=dil, groups=k2, out_dtype=out_dtype)
+        y = self._conv(z, wa, strides=g.strides, dilation=dil, groups=k2)
         _, _, ho, wo = _static_shape(y)
         y = self.builder_.emit(relax.op.reshape(y, (n, k2, k1, ho, wo)))
         y = self.builder_.emit(relax.op.permute_dims(y, (0, 2, 1, 3, 4)))

@@ -63,14 +63,14 @@ def _divisors(n: int) -> list[int]:
 
 def candidate_shapes(shape: Shape4) -> list[tuple[Shape4, Shape4]]:
     """The factor shapes worth trying for a kernel: every split of the spatial kernel between
-    A and B, and for each channel count its 4 divisors nearest the square root, within a factor
+    A and B, and for each channel count its 5 divisors nearest the square root, within a factor
     of 4 of it (balanced factors are the expressive ones; lopsided ones degenerate into a plain
-    low-rank product). At most 16 channel splits times the spatial splits."""
+    low-rank product). At most 25 channel splits times the spatial splits."""
     k, c, kh, kw = shape
 
     def near_sqrt(n: int) -> list[int]:
         near = [d for d in _divisors(n) if n**0.5 / 4 <= d <= n**0.5 * 4] or [1]
-        return sorted(near, key=lambda d: abs(np.log(d * d / n)))[:4]
+        return sorted(near, key=lambda d: abs(np.log(d * d / n)))[:5]
 
     shapes = []
     for k1 in near_sqrt(k):

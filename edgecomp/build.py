@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +36,16 @@ class DecomposeOptions:
         }
 
 
-def build(mod: tvm.IRModule, board: Board) -> tvm.runtime.Executable:
-    """Lower an imported Relax module with edgecomp's kernels and build it for ``board``."""
+def build(
+    mod: tvm.IRModule, board: Board, lowered: tvm.IRModule | None = None
+) -> tvm.runtime.Executable:
+    """Lower an imported Relax module with edgecomp's kernels and build it for ``board``
+    (``lowered``: the caller's ``lower(mod, target)``, when it has it already)."""
     from edgecomp.pipeline import lower
 
     target = board.tvm_target()
     try:
-        return tvm.compile(lower(mod, target), target=target)
+        return tvm.compile(lowered or lower(mod, target), target=target)
     except EdgecompError:
         raise
     except Exception as err:  # a TVM build failure on a valid model is our bug: keep the trace
@@ -92,9 +96,24 @@ def compile_model(
             {"layer": r.name, "rank": r.rank, "weight_error": r.weight_error, "kept": r.skipped}
             for r in layers
         ]
+    from edgecomp.pipeline import lower
+    from edgecomp.report import REPORT_FILE, memory_report
+
     with step(f"building for {board.name}"):
-        executable = build(mod, board)
+        lowered = lower(mod, board.tvm_target())
+        executable = build(mod, board, lowered)
+    extra = {}
+    if not board.is_gpu:  # the memory report counts CPU kernels' buffers
+        with step("counting intermediate and workspace memory per layer (report.json)"):
+            report = memory_report(mod, board.tvm_target(), after=lowered)
+        extra[REPORT_FILE] = json.dumps(report, indent=1)
     with step(f"linking {Path(outdir) / 'model.so'}"):
         return write_package(
-            executable, board, signature, outdir, source=model_path, options=options
+            executable,
+            board,
+            signature,
+            outdir,
+            source=model_path,
+            options=options,
+            extra_files=extra,
         )

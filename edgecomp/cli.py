@@ -137,6 +137,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from edgecomp.report import run_report
+
+    timed = args.local or args.rpc or args.tracker
+    print(run_report(args.package, loaded=_open(args) if timed else None, plot=args.plot))
+    return 0
+
+
 def _cmd_device_emulate(args: argparse.Namespace) -> int:
     from edgecomp.device import start_emulated_device
     from edgecomp.targets import load_board
@@ -189,8 +197,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(board=args.target, outdir=args.output) else 1
 
 
-def _add_where(p: argparse.ArgumentParser) -> None:
-    where = p.add_argument_group("where to run (exactly one)")
+def _add_where(p: argparse.ArgumentParser, required: bool = True) -> None:
+    where = p.add_argument_group("where to run (exactly one)" if required else "where to time it")
     where.add_argument(
         "--rpc", metavar="HOST:PORT", help="a TVM RPC server, e.g. edgecomp device emulate"
     )
@@ -338,6 +346,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_where(p)
     p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
     p.add_argument("--json", action="store_true", help="also print the numbers as JSON")
+
+    p = sub(
+        "report",
+        _cmd_report,
+        "per-layer memory of a package (intermediates, kernel workspaces, planned peak) before"
+        " and after edgecomp's MEC and re-fusion; with a device, per-kernel times too",
+        "edgecomp report out/host\n"
+        "edgecomp report out/host --local --plot memory.png\n"
+        "edgecomp report out/rasp4b --rpc 127.0.0.1:9090",
+    )
+    p.add_argument("package", help="the package folder from edgecomp compile")
+    _add_where(p, required=False)
+    p.add_argument("--plot", metavar="PNG", help="also plot memory (and times) per layer")
 
     dev = subs.add_parser(
         "device",

@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     ["device", "stop"],
     ["tracker"],
     ["devices"],
+    ["report"],
     ["demo"],
 ]
 
@@ -91,6 +92,13 @@ def test_compile_then_run_locally(tmp_path):
     result = edgecomp("bench", str(tmp_path / "pkg"), "--local", "--repeat", "3")
     assert result.returncode == 0, result.stderr
     assert "median" in result.stdout and "over 3 runs" in result.stdout
+
+    report = edgecomp("report", str(tmp_path / "pkg"))
+    assert report.returncode == 0, report.stderr
+    assert "planned peak" in report.stdout.lower(), report.stdout
+    timed = edgecomp("report", str(tmp_path / "pkg"), "--local", "--plot", str(tmp_path / "m.png"))
+    assert timed.returncode == 0, timed.stderr
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_needs_exactly_one_place(tmp_path):

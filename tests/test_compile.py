@@ -55,7 +55,7 @@ def test_package_is_an_elf_for_the_board(tiny, tmp_path, board, arch):
     assert elf_arch(lib) == arch
     header = lib.read_bytes()[:20]
     assert header[4] == (1 if arch == "arm" else 2)  # ELFCLASS32 / ELFCLASS64
-    assert sorted(os.listdir(package.path)) == ["manifest.json", "model.so"]
+    assert sorted(os.listdir(package.path)) == ["manifest.json", "model.so", "report.json"]
 
 
 def test_mali_package_carries_opencl_kernels(tiny, tmp_path):

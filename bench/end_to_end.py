@@ -6,7 +6,7 @@ Stock TVM leaves its loops unscheduled (VGG-19 takes tens of seconds per run), s
 per model (its first run, cold); ``--skip-stock`` leaves it out. edgecomp and ORT are timed
 best-of-N, interleaved run by run. Outputs of edgecomp are checked against ORT.
 
-Run:  cd /work/main && PYTHONPATH=. /root/ecvenv/bin/python bench/end_to_end.py
+Run:  PYTHONPATH=. .venv/bin/python bench/end_to_end.py
 Timings on a shared 2-core machine are noisy: read the ratios of one run, not absolute ms.
 """
 
@@ -29,6 +29,7 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
 from edgecomp.models import light_model  # noqa: E402
+from edgecomp.passes.decompose_conv import decompose_conv  # noqa: E402
 from edgecomp.pipeline import lower  # noqa: E402
 from edgecomp.targets import load_board  # noqa: E402
 
@@ -65,12 +66,34 @@ def best_of(
     return best
 
 
+def decompose_to(mod: tvm.IRModule, method: str, ratio: float) -> tuple[tvm.IRModule, float]:
+    """Decompose so that the whole model's conv multiply-adds fall at least ``ratio`` times.
+
+    Layers that stay dense (a first conv on 3 channels) keep their FLOPs, so the per-layer
+    target is raised to make up for them: a cheap Tucker-2 rank-1 pass tells which layers stay
+    dense (the same ones for every method but GKPD), then one real pass runs at that target.
+    """
+    probe = decompose_conv(mod, "tucker" if method == "cp" else method, "rank=1")[1]
+    kept = sum(r.flops_before for r in probe if r.skipped)
+    total = sum(r.flops_before for r in probe)
+    per_layer = (total - kept) / (total / ratio - kept)
+    new, report = decompose_conv(mod, method, f"flops={per_layer:.4f}x")
+    after = sum(r.flops_before if r.skipped else r.flops_after for r in report)
+    return new, total / after
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["alexnet", "vgg19"])
     parser.add_argument("--board", default="host", help="board name, or a JSON target dict")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs (edgecomp, ORT)")
     parser.add_argument("--skip-stock", action="store_true", help="leave stock tvm.compile out")
+    parser.add_argument(
+        "--cp",
+        type=float,
+        default=3.0,
+        help="also CP-decomposed to this conv-FLOP reduction (0: no)",
+    )
     args = parser.parse_args()
     if args.board.lstrip().startswith("{"):
         target = tvm.target.Target(json.loads(args.board))
@@ -95,14 +118,23 @@ def main() -> None:
         out = vm["main"](data).numpy()
         err = float(np.max(np.abs(out - ref)))
         ok = bool(np.allclose(out, ref, rtol=1e-4, atol=1e-6))
-        best = best_of(
-            {
-                "ort": functools.partial(sess.run, None, feed),
-                "edgecomp": functools.partial(vm["main"], data),
-            },
-            args.repeat,
-        )
-        t_ort, t_ec = best["ort"], best["edgecomp"]
+        runs = {
+            "ort": functools.partial(sess.run, None, feed),
+            "edgecomp": functools.partial(vm["main"], data),
+        }
+        cp_ratio = float("nan")
+        if args.cp:
+            start = time.perf_counter()
+            cp_mod, cp_ratio = decompose_to(mod, "cp", args.cp)
+            cp_vm = relax.VirtualMachine(
+                tvm.compile(lower(cp_mod, target), target=target), tvm.cpu()
+            )
+            print(
+                f"{name}: CP, {cp_ratio:.2f}x fewer conv MACs, {time.perf_counter() - start:.0f} s"
+            )
+            runs["cp"] = functools.partial(cp_vm["main"], data)
+        best = best_of(runs, args.repeat)
+        t_ort, t_ec, t_cp = best["ort"], best["edgecomp"], best.get("cp", float("nan"))
 
         t_stock = float("nan")
         if not args.skip_stock:
@@ -111,17 +143,26 @@ def main() -> None:
             start = time.perf_counter()
             stock_vm["main"](data)  # once: unscheduled VGG-19 takes tens of seconds
             t_stock = time.perf_counter() - start
-        rows.append((name, t_ec, t_ort, t_stock, build_s, err, ok))
-        print(f"{name}: edgecomp {t_ec * 1e3:.1f} ms (build {build_s:.1f} s, max |err| vs ORT "
-              f"{err:.1e}, allclose {ok}), ORT {t_ort * 1e3:.1f} ms, stock TVM "
-              f"{t_stock * 1e3:.0f} ms", flush=True)
+        rows.append((name, t_ec, t_ort, t_stock, t_cp, cp_ratio))
+        print(
+            f"{name}: edgecomp {t_ec * 1e3:.1f} ms (build {build_s:.1f} s, max |err| vs ORT "
+            f"{err:.1e}, allclose {ok}), ORT {t_ort * 1e3:.1f} ms, stock TVM "
+            f"{t_stock * 1e3:.0f} ms",
+            flush=True,
+        )
 
     print()
-    print(f"{'model':8} {'edgecomp ms':>11} {'ORT ms':>8} {'stock ms':>9} "
-          f"{'edgecomp/ORT':>12} {'stock/edgecomp':>14}")
-    for name, t_ec, t_ort, t_stock, *_ in rows:
-        print(f"{name:8} {t_ec * 1e3:11.1f} {t_ort * 1e3:8.1f} {t_stock * 1e3:9.0f} "
-              f"{t_ec / t_ort:12.2f} {t_stock / t_ec:14.1f}")
+    print(
+        "| model | edgecomp ms | ORT ms | stock TVM ms | edgecomp / ORT | stock / edgecomp "
+        "| CP model ms (conv MACs down) | CP / ORT |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, t_ec, t_ort, t_stock, t_cp, cp_ratio in rows:
+        print(
+            f"| {name} | {t_ec * 1e3:.1f} | {t_ort * 1e3:.1f} | {t_stock * 1e3:.0f} "
+            f"| {t_ec / t_ort:.2f} | {t_stock / t_ec:.1f} | {t_cp * 1e3:.1f} ({cp_ratio:.2f}x) "
+            f"| {t_cp / t_ort:.2f} |"
+        )
 
 
 if __name__ == "__main__":

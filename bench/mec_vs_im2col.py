@@ -5,7 +5,7 @@ Each layer is built as a one-conv Relax module (seeded weights as constants), lo
 difference is the lowering) and timed on the Relax VM. The best layer's GFLOP/s is also given as
 a fraction of the CPU's fp32 peak = cores x GHz x FMA units x lanes x 2.
 
-Run:  cd /work/main && PYTHONPATH=. /root/ecvenv/bin/python bench/mec_vs_im2col.py
+Run:  PYTHONPATH=. .venv/bin/python bench/mec_vs_im2col.py
 Timings on a shared 2-core machine are noisy; compare columns of one run, not runs.
 """
 
@@ -33,10 +33,14 @@ from edgecomp.targets import load_board  # noqa: E402
 
 # VGG-19's convolutions: (name, C, K, H=W); all 3x3, stride 1, pad 1.
 VGG19_CONVS = [
-    ("conv1_1", 3, 64, 224), ("conv1_2", 64, 64, 224),
-    ("conv2_1", 64, 128, 112), ("conv2_2", 128, 128, 112),
-    ("conv3_1", 128, 256, 56), ("conv3_2-4", 256, 256, 56),
-    ("conv4_1", 256, 512, 28), ("conv4_2-4", 512, 512, 28),
+    ("conv1_1", 3, 64, 224),
+    ("conv1_2", 64, 64, 224),
+    ("conv2_1", 64, 128, 112),
+    ("conv2_2", 128, 128, 112),
+    ("conv3_1", 128, 256, 56),
+    ("conv3_2-4", 256, 256, 56),
+    ("conv4_1", 256, 512, 28),
+    ("conv4_2-4", 512, 512, 28),
     ("conv5_1-4", 512, 512, 14),
 ]
 
@@ -141,14 +145,20 @@ def main() -> None:
     lanes = cpu_info(target).lanes
     ghz = args.ghz or measured_ghz() or cpu_ghz()
     peak = cores * ghz * args.fma_units * lanes * 2
-    print(f"clock: {ghz:.2f} GHz used (measured with a 1-cycle loop; /proc/cpuinfo says "
-          f"{cpu_ghz():.2f} GHz nominal)")
+    print(
+        f"clock: {ghz:.2f} GHz used (measured with a 1-cycle loop; /proc/cpuinfo says "
+        f"{cpu_ghz():.2f} GHz nominal)"
+    )
 
-    print(f"target {target.kind.name} {target.attrs.get('mcpu', '')}, {cores} threads, "
-          f"{lanes} fp32 lanes; peak {cores} x {ghz:.2f} GHz x {args.fma_units} FMA x {lanes} "
-          f"lanes x 2 = {peak:.0f} GFLOP/s")
-    head = (f"{'layer':10} {'C':>4} {'K':>4} {'HxW':>7} | {'MEC MiB':>8} {'im2col MiB':>10} "
-            f"{'ratio':>5} | {'MEC ms':>7} {'im2col ms':>9} {'speedup':>7} | {'MEC GF/s':>8}")
+    print(
+        f"target {target.kind.name} {target.attrs.get('mcpu', '')}, {cores} threads, "
+        f"{lanes} fp32 lanes; peak {cores} x {ghz:.2f} GHz x {args.fma_units} FMA x {lanes} "
+        f"lanes x 2 = {peak:.0f} GFLOP/s"
+    )
+    head = (
+        f"{'layer':10} {'C':>4} {'K':>4} {'HxW':>7} | {'MEC MiB':>8} {'im2col MiB':>10} "
+        f"{'ratio':>5} | {'MEC ms':>7} {'im2col ms':>9} {'speedup':>7} | {'MEC GF/s':>8}"
+    )
     print(head)
     print("-" * len(head))
     best = (0.0, "")
@@ -161,11 +171,15 @@ def main() -> None:
         col_s = time_layer(mod, target, "im2col", x, args.repeat)
         gflops = 2.0 * k * c * 9 * size * size / mec_s / 1e9
         best = max(best, (gflops, name))
-        print(f"{name:10} {c:4} {k:4} {size:3}x{size:<3} | {mec_b / 2**20:8.2f} "
-              f"{col_b / 2**20:10.2f} {col_b / mec_b:5.2f} | {mec_s * 1e3:7.2f} {col_s * 1e3:9.2f} "
-              f"{col_s / mec_s:7.2f} | {gflops:8.1f}")
-    print(f"best MEC layer {best[1]}: {best[0]:.1f} GFLOP/s = {best[0] / peak:.0%} of the "
-          f"{peak:.0f} GFLOP/s fp32 peak of this target's vector ISA")
+        print(
+            f"{name:10} {c:4} {k:4} {size:3}x{size:<3} | {mec_b / 2**20:8.2f} "
+            f"{col_b / 2**20:10.2f} {col_b / mec_b:5.2f} | {mec_s * 1e3:7.2f} {col_s * 1e3:9.2f} "
+            f"{col_s / mec_s:7.2f} | {gflops:8.1f}"
+        )
+    print(
+        f"best MEC layer {best[1]}: {best[0]:.1f} GFLOP/s = {best[0] / peak:.0%} of the "
+        f"{peak:.0f} GFLOP/s fp32 peak of this target's vector ISA"
+    )
 
 
 if __name__ == "__main__":

@@ -65,11 +65,18 @@ def _train() -> dict[str, np.ndarray]:
     x = torch.from_numpy(preprocess(d.images[train]))
     y = torch.from_numpy(d.target[train]).long()
     net = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 10),
-    )  # fmt: skip
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 10),
+    )
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(SEED)
     for epoch in range(EPOCHS):
@@ -83,11 +90,15 @@ def _train() -> dict[str, np.ndarray]:
         print(f"epoch {epoch + 1}/{EPOCHS} loss {loss.item():.4f}")
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in net.state_dict().items()}
     return {
-        "conv1.weight": sd["0.weight"], "conv1.bias": sd["0.bias"],
-        "conv2.weight": sd["3.weight"], "conv2.bias": sd["3.bias"],
-        "conv3.weight": sd["6.weight"], "conv3.bias": sd["6.bias"],
-        "fc.weight": sd["10.weight"], "fc.bias": sd["10.bias"],
-    }  # fmt: skip
+        "conv1.weight": sd["0.weight"],
+        "conv1.bias": sd["0.bias"],
+        "conv2.weight": sd["3.weight"],
+        "conv2.bias": sd["3.bias"],
+        "conv3.weight": sd["6.weight"],
+        "conv3.bias": sd["6.bias"],
+        "fc.weight": sd["10.weight"],
+        "fc.bias": sd["10.bias"],
+    }
 
 
 def build_onnx(w: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -97,12 +108,17 @@ def build_onnx(w: dict[str, np.ndarray]) -> onnx.ModelProto:
     for i in (1, 2, 3):
         nodes += [
             helper.make_node(
-                "Conv", [prev, f"conv{i}.weight", f"conv{i}.bias"], [f"conv{i}"],
-                kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                "Conv",
+                [prev, f"conv{i}.weight", f"conv{i}.bias"],
+                [f"conv{i}"],
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
             ),
             helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"]),
-            helper.make_node("MaxPool", [f"relu{i}"], [f"pool{i}"], kernel_shape=[2, 2], strides=[2, 2]),
-        ]  # fmt: skip
+            helper.make_node(
+                "MaxPool", [f"relu{i}"], [f"pool{i}"], kernel_shape=[2, 2], strides=[2, 2]
+            ),
+        ]
         prev = f"pool{i}"
     nodes += [
         helper.make_node("Flatten", [prev], ["flat"], axis=1),
@@ -143,14 +159,24 @@ def main() -> None:
         "input": {"name": "input", "shape": [1, 1, 32, 32], "dtype": "float32"},
         "output": {"name": "logits", "shape": [1, 10], "dtype": "float32"},
         "preprocess": "image / 16, then repeat each pixel 4x4 (8x8 -> 32x32)",
-        "split": {"method": "train_test_split stratified", "test_size": TEST_SIZE, "random_state": SEED},
-        "training": {"script": "bench/train_digits_cnn.py", "framework": "torch (CPU)",
-                     "optimizer": "Adam lr=1e-3", "batch": 64, "epochs": EPOCHS, "seed": SEED},
+        "split": {
+            "method": "train_test_split stratified",
+            "test_size": TEST_SIZE,
+            "random_state": SEED,
+        },
+        "training": {
+            "script": "bench/train_digits_cnn.py",
+            "framework": "torch (CPU)",
+            "optimizer": "Adam lr=1e-3",
+            "batch": 64,
+            "epochs": EPOCHS,
+            "seed": SEED,
+        },
         "held_out_top1_percent": round(acc, 2),
         "n_train": len(train),
         "n_test": len(test),
         "test_indices": test.tolist(),
-    }  # fmt: skip
+    }
     (ZOO / "digits_cnn.json").write_text(json.dumps(info, indent=1) + "\n")
     print(f"held-out top-1: {acc:.2f}% ({len(test)} images) -> {ZOO / 'digits_cnn.onnx'}")
 

@@ -6,12 +6,9 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import tensorly as tl
-from tensorly.decomposition import parafac
 
 from edgecomp.errors import EdgecompError
 
@@ -42,22 +39,23 @@ def cp_max_rank(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape) // max(shape))
 
 
-def cp_decompose(weight: np.ndarray, rank: int, n_iter: int = 100, seed: int = 0) -> CPFactors:
-    """Rank-``rank`` CP of an OIHW kernel by ALS (tensorly ``parafac``, seeded random start,
-    line search).
+def cp_decompose(weight: np.ndarray, rank: int, n_iter: int = 300, seed: int = 0) -> CPFactors:
+    """Rank-``rank`` CP of an OIHW kernel by alternating least squares from a seeded random start.
 
-    A random start with line search reached a lower error than tensorly's SVD start in a
-    sixth of the time on the bundled CNN's layers (64x64x3x3 at rank 137: 0.367 in 2.8 s
-    against 0.378 in 16 s), and recovers kernels of known rank exactly.
+    Each ALS step contracts the kernel with the other three factors in one ``einsum`` (BLAS)
+    and solves an R x R system. tensorly's ``parafac`` does the same maths through explicit
+    Khatri-Rao products, which made a 384x256x3x3 layer at rank 456 take 5 s per iteration
+    here, against 0.07 s; on the bundled CNN's 64x64x3x3 layer at rank 137 this reaches 0.367
+    in 0.3 s, where tensorly (line search) took 2.8 s. Kernels of known rank are recovered.
 
     Parameters
     ----------
     weight : np.ndarray
         Kernel ``[K, C, kh, kw]``.
     rank : int
-        CP rank R, 1 <= R <= :func:`cp_max_rank`.
+        CP rank R, 1 <= R <= :func:`cp_max_rank`; at that rank the exact construction is used.
     n_iter, seed : int
-        ALS iterations at most, and the seed of the random start.
+        ALS sweeps at most (it stops earlier once the error stops falling), and the seed.
 
     Returns
     -------
@@ -75,21 +73,33 @@ def cp_decompose(weight: np.ndarray, rank: int, n_iter: int = 100, seed: int = 0
     w = weight.astype(np.float64)
     if rank == limit:
         return _exact(w)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        cp = parafac(
-            tl.tensor(w),
-            rank,
-            n_iter_max=n_iter,
-            init="random",
-            tol=1e-8,
-            random_state=seed,
-            normalize_factors=True,
-            linesearch=True,
+    rng = np.random.default_rng(seed)
+    factors = [rng.standard_normal((d, rank)) for d in w.shape]
+    # MTTKRP of mode m: the kernel contracted with every other factor, e.g. "abcd,br,cr,dr->ar".
+    specs = ["abcd," + ",".join(f"{x}r" for x in "abcd" if x != m) + f"->{m}r" for m in "abcd"]
+    paths = [
+        np.einsum_path(spec, w, *(f for j, f in enumerate(factors) if j != i), optimize="optimal")[
+            0
+        ]
+        for i, spec in enumerate(specs)
+    ]
+    norm2 = float(np.sum(w * w))
+    error, previous = 1.0, np.inf
+    for _ in range(n_iter):
+        for i in range(4):
+            others = [f for j, f in enumerate(factors) if j != i]
+            gram = np.prod([f.T @ f for f in others], axis=0)
+            mttkrp = np.einsum(specs[i], w, *others, optimize=paths[i])
+            factors[i] = np.linalg.solve(gram + 1e-12 * np.eye(rank), mttkrp.T).T
+        # ||W - What||^2 = ||W||^2 - 2 <W, What> + ||What||^2, from the last step's products.
+        residual = (
+            norm2 - 2 * np.sum(mttkrp * factors[3]) + np.sum(gram * (factors[3].T @ factors[3]))
         )
-    weights, (u, s, v, h) = cp
-    u = u * weights[None, :]
-    f = CPFactors(*(np.asarray(m, dtype=np.float32) for m in (u, s, v, h)), error=0.0)
+        error = float(np.sqrt(max(residual, 0.0) / max(norm2, 1e-300)))
+        if previous - error < 1e-7:
+            break
+        previous = error
+    f = CPFactors(*(m.astype(np.float32) for m in factors), error=0.0)
     err = float(np.linalg.norm(f.weight() - w) / max(np.linalg.norm(w), 1e-30))
     return CPFactors(f.u, f.s, f.v, f.h, err)
 

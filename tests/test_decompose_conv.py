@@ -92,6 +92,17 @@ def ops(mod: tvm.IRModule) -> list[tuple[str, dict]]:
     return found
 
 
+def conv(weight, strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1) -> dict:  # noqa: ANN001
+    """The attributes :func:`ops` reports for one conv2d."""
+    return {
+        "weight": weight,
+        "strides": strides,
+        "padding": padding,
+        "dilation": dilation,
+        "groups": groups,
+    }
+
+
 def run_host(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
     """Build with edgecomp's pipeline for the host and run once."""
     vm = relax.VirtualMachine(build(mod, HOST), tvm.cpu())
@@ -111,34 +122,10 @@ def test_cp_chain_is_1x1_vertical_horizontal_1x1():
     convs = [a for name, a in ops(new) if name == "nn.conv2d"]
     assert [name for name, _ in ops(new)] == ["nn.conv2d"] * 4 + BIAS
     assert convs == [
-        {
-            "weight": (6, 16, 1, 1),
-            "strides": (1, 1),
-            "padding": (0, 0, 0, 0),
-            "dilation": (1, 1),
-            "groups": 1,
-        },
-        {
-            "weight": (6, 1, 3, 1),
-            "strides": (2, 1),
-            "padding": (1, 0, 1, 0),
-            "dilation": (1, 1),
-            "groups": 6,
-        },
-        {
-            "weight": (6, 1, 1, 3),
-            "strides": (1, 1),
-            "padding": (0, 2, 0, 2),
-            "dilation": (1, 2),
-            "groups": 6,
-        },
-        {
-            "weight": (24, 6, 1, 1),
-            "strides": (1, 1),
-            "padding": (0, 0, 0, 0),
-            "dilation": (1, 1),
-            "groups": 1,
-        },
+        conv((6, 16, 1, 1)),
+        conv((6, 1, 3, 1), strides=(2, 1), padding=(1, 0, 1, 0), groups=6),
+        conv((6, 1, 1, 3), padding=(0, 2, 0, 2), dilation=(1, 2), groups=6),
+        conv((24, 6, 1, 1)),
     ]
 
 
@@ -147,36 +134,9 @@ def test_tucker2_chain_is_1x1_core_1x1():
     new, (record,) = decompose_conv(mod, "tucker", "rank=5")
     assert record.rank == (5, 5)
     assert ops(new) == [
-        (
-            "nn.conv2d",
-            {
-                "weight": (5, 16, 1, 1),
-                "strides": (1, 1),
-                "padding": (0, 0, 0, 0),
-                "dilation": (1, 1),
-                "groups": 1,
-            },
-        ),
-        (
-            "nn.conv2d",
-            {
-                "weight": (5, 5, 3, 3),
-                "strides": (2, 2),
-                "padding": (1, 1, 1, 1),
-                "dilation": (1, 1),
-                "groups": 1,
-            },
-        ),
-        (
-            "nn.conv2d",
-            {
-                "weight": (24, 5, 1, 1),
-                "strides": (1, 1),
-                "padding": (0, 0, 0, 0),
-                "dilation": (1, 1),
-                "groups": 1,
-            },
-        ),
+        ("nn.conv2d", conv((5, 16, 1, 1))),
+        ("nn.conv2d", conv((5, 5, 3, 3), strides=(2, 2), padding=(1, 1, 1, 1))),
+        ("nn.conv2d", conv((24, 5, 1, 1))),
     ]
 
 
@@ -198,20 +158,8 @@ def test_gkpd_chain_is_two_convs_the_second_dilated_by_b():
         *BIAS,
     ]
     first, second = (a for name, a in ops(new) if name == "nn.conv2d")
-    assert first == {
-        "weight": (c1 * r * k2, c2, kh2, kw2),
-        "strides": (1, 1),
-        "padding": (1, 1, 1, 1),
-        "dilation": (1, 1),
-        "groups": c1,
-    }
-    assert second == {
-        "weight": (k2 * k1, r * c1, kh1, kw1),
-        "strides": (1, 1),
-        "padding": (0, 0, 0, 0),
-        "dilation": (kh2, kw2),
-        "groups": k2,
-    }
+    assert first == conv((c1 * r * k2, c2, kh2, kw2), padding=(1, 1, 1, 1), groups=c1)
+    assert second == conv((k2 * k1, r * c1, kh1, kw1), dilation=(kh2, kw2), groups=k2)
     assert (k1 * k2, c1 * c2, kh1 * kh2, kw1 * kw2) == (16, 16, 3, 3)
 
 

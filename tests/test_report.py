@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -192,6 +193,7 @@ def rpc_server():  # noqa: ANN201 - (host, port)
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "TVM_NUM_THREADS": "1"},
+        start_new_session=True,  # the server runs in a worker process of its own: stop both
     )
     try:
         for _ in range(50):
@@ -202,7 +204,7 @@ def rpc_server():  # noqa: ANN201 - (host, port)
                 time.sleep(0.1)
         yield "127.0.0.1", port
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
 
 

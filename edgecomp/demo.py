@@ -69,5 +69,6 @@ def run_demo(board: str = "rasp4b", outdir: str | os.PathLike[str] = "edgecomp-o
         f" max {stats['max_ms']:.2f} ms"
         f" over {stats['repeat']} runs"
     )
-    console.print(f"deployable package: {Path(package.path).resolve()} (model.so + manifest.json)")
+    files = " + ".join(["manifest.json", *sorted(package.manifest["files"])])
+    console.print(f"deployable package: {Path(package.path).resolve()} ({files})")
     return match

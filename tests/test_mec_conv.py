@@ -87,9 +87,7 @@ def small_cnn() -> onnx.ModelProto:
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
         helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node(
-            "Conv", ["p1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4, group=16
-        ),
+        helper.make_node("Conv", ["p1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4, group=16),
         helper.make_node("Conv", ["c2", "w3", "b3"], ["c3"], kernel_shape=[1, 1]),
         helper.make_node("Relu", ["c3"], ["r3"]),
         helper.make_node("Flatten", ["r3"], ["f"]),
@@ -177,8 +175,9 @@ def test_im2col_conv_matches_onnxruntime(case: tuple) -> None:
     kernel, stride, pads, dilation, c, k, size = case
     model = conv_model(c, k, size, kernel, stride, pads, dilation, relu=False)
     x = np.random.default_rng(2).standard_normal((1, c, *size)).astype(np.float32)
-    np.testing.assert_allclose(run_edgecomp(model, x, conv="im2col"), run_ort(model, x),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        run_edgecomp(model, x, conv="im2col"), run_ort(model, x), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize(
@@ -195,7 +194,8 @@ def test_schedule_rule_applied_to_conv() -> None:
     model = conv_model(16, 32, (14, 14), 3, 1, (1, 1, 1, 1))
     lowered = lower(from_onnx(model, keep_params_in_input=False), HOST)
     convs = [
-        f for _, f in lowered.functions_items()
+        f
+        for _, f in lowered.functions_items()
         if isinstance(f, tvm.tirx.PrimFunc) and CONV_GEMM in f.script()
     ]
     assert len(convs) == 1

@@ -310,7 +310,11 @@ def _gemm_weight_dims(wk: te.Tensor) -> tuple[int, int, int, int, int]:
 
 
 def gemm_weight(
-    wk: te.Tensor, g: tirx.PrimExpr, kk: tirx.PrimExpr, i: tirx.PrimExpr, j: tirx.PrimExpr,
+    wk: te.Tensor,
+    g: tirx.PrimExpr,
+    kk: tirx.PrimExpr,
+    i: tirx.PrimExpr,
+    j: tirx.PrimExpr,
     c: tirx.PrimExpr,
 ) -> tirx.PrimExpr:
     """Element ``W[g*K/G + kk, c, i, j]`` of a weight in :func:`pack_weight`'s layout."""
@@ -338,9 +342,7 @@ def _is_plain_static_conv(call: relax.Call) -> bool:
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
         return False
     shapes = [arg.ty.shape for arg in call.args[:2]]
-    return all(
-        s is not None and all(isinstance(d, tirx.IntImm) for d in s.values) for s in shapes
-    )
+    return all(s is not None and all(isinstance(d, tirx.IntImm) for d in s.values) for s in shapes)
 
 
 def _stock_legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
@@ -390,9 +392,7 @@ def _legalize(bb: relax.BlockBuilder, call: relax.Call, kind: str) -> relax.Expr
         )
     target = Target.current(allow_none=True)
     kw_ = int(weight.ty.shape[3])
-    wo = conv_out_size(
-        int(data.ty.shape[3]), kw_, strides[1], padding[1], padding[3], dilation[1]
-    )
+    wo = conv_out_size(int(data.ty.shape[3]), kw_, strides[1], padding[1], padding[3], dilation[1])
     kh_ = int(weight.ty.shape[2])
     tiles = _tiles_for(wo, k // groups, target, kh_ * kw_ * cg)
     panel = tiles[1] * tiles[2]
@@ -512,9 +512,7 @@ def schedule_conv_gemm_cpu(
     schedules.schedule_leftovers(sch, target)
 
 
-def schedule_lowering_cpu(
-    sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int
-) -> None:
+def schedule_lowering_cpu(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
     """The lowering copies channel runs (vectorized) in parallel; its padded input first.
 
     ``conv_pad`` is a transpose (input columns -> channels): it goes in 8 x 8 tiles, so that
@@ -624,9 +622,7 @@ class ConvSchedule(ScheduleRule):
     ``edgecomp.depthwise`` annotation set by this module's computes; returns None otherwise.
     """
 
-    def apply(
-        self, func: tirx.PrimFunc, target: Target, tunable: bool
-    ) -> s_tir.Schedule | None:
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         """Schedule ``func`` for ``target``, or None when it holds no edgecomp convolution."""
         if not isinstance(func, tirx.PrimFunc):
             return None
@@ -641,7 +637,5 @@ class ConvSchedule(ScheduleRule):
         elif gemms:
             schedule_conv_gemm_cpu(sch, gemms[0], target, tunable)
         else:
-            (schedule_depthwise_gpu if gpu else schedule_depthwise_cpu)(
-                sch, depthwise[0], target
-            )
+            (schedule_depthwise_gpu if gpu else schedule_depthwise_cpu)(sch, depthwise[0], target)
         return sch

@@ -236,9 +236,7 @@ class Matmul(ScheduleRule):
     inlined where legal, else scheduled as plain vectorized loops.
     """
 
-    def apply(
-        self, func: tirx.PrimFunc, target: Target, tunable: bool
-    ) -> s_tir.Schedule | None:
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         """Schedule a matmul function for an LLVM target, or return None."""
         if not isinstance(func, tirx.PrimFunc) or is_gpu(target) or target.kind.name != "llvm":
             return None
@@ -326,9 +324,7 @@ def _column_chunk(n_cols: int, lanes: int, cores: int) -> int:
 class CpuFallback(ScheduleRule):
     """Any function on an LLVM target: inline producers, parallel + vectorize what is left."""
 
-    def apply(
-        self, func: tirx.PrimFunc, target: Target, tunable: bool
-    ) -> s_tir.Schedule | None:
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         """Schedule every block of ``func`` with the generic CPU nests."""
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgecomp.decompose.norms import relative_error
 from edgecomp.errors import EdgecompError
 
 
@@ -99,9 +100,13 @@ def cp_decompose(weight: np.ndarray, rank: int, n_iter: int = 300, seed: int = 0
         if previous - error < 1e-7:
             break
         previous = error
-    f = CPFactors(*(m.astype(np.float32) for m in factors), error=0.0)
-    err = float(np.linalg.norm(f.weight() - w) / max(np.linalg.norm(w), 1e-30))
-    return CPFactors(f.u, f.s, f.v, f.h, err)
+    return _with_error(factors, w)
+
+
+def _with_error(factors: list[np.ndarray], w: np.ndarray) -> CPFactors:
+    u, s, v, h = (m.astype(np.float32) for m in factors)
+    approx = np.einsum("kr,cr,ir,jr->kcij", u, s, v, h, optimize=True)
+    return CPFactors(u, s, v, h, relative_error(approx, w))
 
 
 def _exact(w: np.ndarray) -> CPFactors:
@@ -114,6 +119,4 @@ def _exact(w: np.ndarray) -> CPFactors:
     for row, m in enumerate(others):
         factors[m] = np.eye(w.shape[m])[index[row]].T  # [size of mode m, R]
     factors[big] = np.moveaxis(w, big, 0).reshape(w.shape[big], -1)
-    f = CPFactors(*(m.astype(np.float32) for m in factors), error=0.0)
-    err = float(np.linalg.norm(f.weight() - w) / max(np.linalg.norm(w), 1e-30))
-    return CPFactors(f.u, f.s, f.v, f.h, err)
+    return _with_error(factors, w)

@@ -54,7 +54,8 @@ class KroneckerFactors:
 
     def weight(self) -> np.ndarray:
         """The reconstructed OIHW kernel, sum_r kron(A_r, B_r)."""
-        return sum(np.kron(a, b) for a, b in zip(self.a, self.b, strict=True)).astype(np.float32)
+        terms = [np.kron(a, b) for a, b in zip(self.a, self.b, strict=True)]
+        return np.sum(terms, axis=0).astype(np.float32)
 
 
 def _divisors(n: int) -> list[int]:

@@ -27,6 +27,7 @@ from edgecomp.decompose.kronecker import (
     kronecker_max_rank,
     kronecker_spectrum,
 )
+from edgecomp.decompose.norms import relative_error
 from edgecomp.decompose.tucker import tucker2_decompose
 from edgecomp.errors import EdgecompError
 
@@ -254,6 +255,7 @@ def _choose_kronecker(policy: RankPolicy, weight: np.ndarray, geom: ConvGeom):  
             within = [r for r in range(1, top + 1) if cost(r)[pick] * policy.value <= dense[pick]]
             ranks = within[-1:]  # the largest
         else:  # error budget: the smallest rank under it, among those that save FLOPs
+            assert spectrum is not None  # computed for every policy but rank=full
             ranks = [
                 r
                 for r in range(1, top + 1)
@@ -297,14 +299,11 @@ def _rank_for(policy, method, weight, geom, calib_inputs, shapes):  # noqa: ANN0
     if not useful:
         return 0, None
     if policy.kind == "output":
-        ref = conv2d_nchw(calib_inputs, weight, geom.strides, geom.padding, geom.dilation)
-        norm = max(float(np.linalg.norm(ref)), 1e-30)
+        conv = (geom.strides, geom.padding, geom.dilation)
+        ref = conv2d_nchw(calib_inputs, weight, *conv)
 
         def measure(f) -> float:  # noqa: ANN001
-            d = conv2d_nchw(
-                calib_inputs, f.weight() - weight, geom.strides, geom.padding, geom.dilation
-            )
-            return float(np.linalg.norm(d)) / norm
+            return relative_error(conv2d_nchw(calib_inputs, f.weight(), *conv), ref)
     else:
 
         def measure(f) -> float:  # noqa: ANN001

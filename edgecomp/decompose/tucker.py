@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgecomp.decompose.norms import relative_error
 from edgecomp.errors import EdgecompError
 
 
@@ -69,8 +70,6 @@ def tucker2_decompose(weight: np.ndarray, ranks: tuple[int, int], n_iter: int = 
         u_in = _leading(np.einsum("kcij,ka->caij", w, u_out, optimize=True).reshape(c, -1), r_in)
         u_out = _leading(np.einsum("kcij,cb->kbij", w, u_in, optimize=True).reshape(k, -1), r_out)
     core = np.einsum("kcij,ka,cb->abij", w, u_out, u_in, optimize=True)
-    f = TuckerFactors(
-        u_out.astype(np.float32), core.astype(np.float32), u_in.astype(np.float32), 0.0
-    )
-    err = float(np.linalg.norm(f.weight() - w) / max(np.linalg.norm(w), 1e-30))
-    return TuckerFactors(f.u_out, f.core, f.u_in, err)
+    u_out, core, u_in = (m.astype(np.float32) for m in (u_out, core, u_in))
+    approx = np.einsum("ka,abij,cb->kcij", u_out, core, u_in, optimize=True)
+    return TuckerFactors(u_out, core, u_in, relative_error(approx, w))

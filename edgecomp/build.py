@@ -21,11 +21,12 @@ from edgecomp.targets import Board, load_board
 
 @dataclass(frozen=True)
 class DecomposeOptions:
-    """What ``--decompose``, ``--rank-policy`` and ``--calib`` asked for."""
+    """What ``--decompose``, ``--rank-policy``, ``--calib`` and ``--no-refuse`` asked for."""
 
     method: str
     policy: str
     calib: np.ndarray | None = None
+    refuse: bool = True  # fuse each factor chain into one kernel (T1000); False: separate ops
 
     def to_json(self) -> dict[str, Any]:
         """The options as recorded in the manifest."""
@@ -33,6 +34,7 @@ class DecomposeOptions:
             "decompose": self.method,
             "rank_policy": self.policy,
             "calibrated": self.calib is not None,
+            "refuse": self.refuse,
         }
 
 
@@ -100,7 +102,8 @@ def compile_model(
     from edgecomp.report import REPORT_FILE, memory_report
 
     with step(f"building for {board.name}"):
-        lowered = lower(mod, board.tvm_target())
+        refuse = decompose is None or decompose.refuse
+        lowered = lower(mod, board.tvm_target(), refuse=refuse)
         executable = build(mod, board, lowered)
     extra = {}
     if not board.is_gpu:  # the memory report counts CPU kernels' buffers

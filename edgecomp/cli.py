@@ -27,8 +27,11 @@ def _decompose_options(args: argparse.Namespace):  # noqa: ANN202 - DecomposeOpt
     from edgecomp.build import DecomposeOptions
 
     if args.decompose is None:
-        if args.rank_policy is not None or args.calib is not None:
-            raise EdgecompError("--rank-policy and --calib need --decompose {cp,tucker,kronecker}")
+        no_refuse = getattr(args, "no_refuse", False)
+        if args.rank_policy is not None or args.calib is not None or no_refuse:
+            raise EdgecompError(
+                "--rank-policy, --calib and --no-refuse need --decompose {cp,tucker,kronecker}"
+            )
         return None
     calib = None
     if args.calib is not None:
@@ -38,7 +41,12 @@ def _decompose_options(args: argparse.Namespace):  # noqa: ANN202 - DecomposeOpt
             calib = np.load(args.calib)
         except (OSError, ValueError) as err:
             raise EdgecompError(f"--calib {args.calib}: cannot read it as .npy ({err})") from err
-    return DecomposeOptions(args.decompose, args.rank_policy or "flops=2x", calib)
+    return DecomposeOptions(
+        args.decompose,
+        args.rank_policy or "flops=2x",
+        calib,
+        refuse=not getattr(args, "no_refuse", False),
+    )
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
@@ -298,6 +306,12 @@ def _parser() -> argparse.ArgumentParser:
         help="static shape for a dynamic input",
     )
     _add_decompose(p)
+    p.add_argument(
+        "--no-refuse",
+        action="store_true",
+        help="with --decompose: keep each factor chain as separate ops (full-size"
+        " intermediates) instead of one fused kernel; faster today on x86 for most layers",
+    )
 
     p = sub(
         "analyze",

@@ -335,8 +335,8 @@ def model_layers(mod: tvm.IRModule, target: Target) -> list[dict[str, Any]]:
             n, c, h, w = (int(d) for d in value.args[0].ty.shape.values)
             k, _, kh, kw = (int(d) for d in value.args[1].ty.shape.values)
             groups = int(value.attrs.groups)
-            dw = " dw" if groups > 1 else ""
-            name = f"conv{dw} {kh}x{kw} {c}->{k} @{h}x{w}"
+            kind = " dw" if groups > 1 and groups == c else f" g{groups}" if groups > 1 else ""
+            name = f"conv{kind} {kh}x{kw} {c}->{k} @{h}x{w}"
             layers.append({"name": name, "kind": "conv", "convs": 1})
         elif op == "relax.matmul":
             shape = [int(d) for d in value.args[1].ty.shape.values]

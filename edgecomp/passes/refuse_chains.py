@@ -112,7 +112,10 @@ def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
         return None
 
 
-def _conv_info(call: relax.Call) -> tuple[np.ndarray, int, tuple, tuple, tuple] | None:
+ConvInfo = tuple[np.ndarray, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def _conv_info(call: relax.Call) -> ConvInfo | None:
     """(weight, groups, strides, padding, dilation) of a plain NCHW/OIHW float32 conv2d."""
     attrs = call.attrs
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
@@ -133,7 +136,13 @@ def _conv_info(call: relax.Call) -> tuple[np.ndarray, int, tuple, tuple, tuple] 
     )
 
 
-def _is_pointwise(info: tuple, groups: int = 1) -> bool:
+def _conv_infos(calls: list[relax.Call]) -> list[ConvInfo] | None:
+    """:func:`_conv_info` of every call, or None if any of them is not a plain conv."""
+    infos = [_conv_info(c) for c in calls]
+    return [i for i in infos if i is not None] if all(i is not None for i in infos) else None
+
+
+def _is_pointwise(info: ConvInfo, groups: int = 1) -> bool:
     w, g, strides, padding, dilation = info
     return (
         w.shape[2:] == (1, 1)
@@ -147,8 +156,9 @@ def _is_pointwise(info: tuple, groups: int = 1) -> bool:
 def cp_chain(matched: dict[DFPattern, relax.Expr]) -> _Chain | None:
     """The CP chain behind a match of ``CP_OPS[-1]``, or None if shapes/attributes disagree."""
     calls = [matched[p] for p in CP_OPS]
-    infos = [_conv_info(c) for c in calls]
-    if any(i is None for i in infos):
+    infos = _conv_infos(calls)
+    shape = _static_shape(calls[0].args[0])
+    if infos is None or shape is None:
         return None
     first, vert, horiz, last = infos
     r = first[0].shape[0]
@@ -164,7 +174,6 @@ def cp_chain(matched: dict[DFPattern, relax.Expr]) -> _Chain | None:
         return None
     if sh_[0] != 1 or ph[0] != 0 or ph[2] != 0 or dh_[0] != 1:
         return None
-    shape = _static_shape(calls[0].args[0])
     geom = ConvGeometry((sv[0], sh_[1]), (pv[0], ph[1], pv[2], ph[3]), (dv[0], dh_[1]))
     spec = ChainSpec(
         "cp",
@@ -181,8 +190,9 @@ def cp_chain(matched: dict[DFPattern, relax.Expr]) -> _Chain | None:
 def tucker2_chain(matched: dict[DFPattern, relax.Expr]) -> _Chain | None:
     """The Tucker-2 chain behind a match of ``TUCKER_OPS[-1]``, or None."""
     calls = [matched[p] for p in TUCKER_OPS]
-    infos = [_conv_info(c) for c in calls]
-    if any(i is None for i in infos):
+    infos = _conv_infos(calls)
+    shape = _static_shape(calls[0].args[0])
+    if infos is None or shape is None:
         return None
     first, core, last = infos
     wc, gc, sc, pc, dc = core
@@ -191,7 +201,6 @@ def tucker2_chain(matched: dict[DFPattern, relax.Expr]) -> _Chain | None:
         return None
     if gc != 1 or wc.shape[1] != r3 or last[0].shape[1] != r4:
         return None
-    shape = _static_shape(calls[0].args[0])
     spec = ChainSpec(
         "tucker2",
         shape,

@@ -27,6 +27,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import tvm
@@ -38,6 +39,7 @@ from edgecomp.kernels.fused_chain import (
     ConvGeometry,
     allocated_buffers,
     chain_memory,
+    padded_rank,
 )
 from edgecomp.models import light_model
 from edgecomp.passes.refuse_chains import RefuseChains
@@ -198,7 +200,9 @@ def main() -> None:
         spec = ChainSpec(
             "cp", (1, c, h, w), k, (kh, kw), (rank,), ConvGeometry(padding=(1, 1, 1, 1)), True
         )
-        mem = chain_memory(spec, 2, rows, rb)
+        # The kernel pads the rank with zero ranks (padded_rank); the unfused chain does not.
+        mem = chain_memory(replace(spec, ranks=(padded_rank(rank),)), 2, rows, rb)
+        mem = replace(mem, unfused_bytes=chain_memory(spec, 2, rows, rb).unfused_bytes)
         measured = sum(4 * int(np.prod(s)) for s in allocated_buffers(forced).values())
         assert measured * mem.concurrent_tiles == mem.fused_bytes, (measured, mem)
         fused_bytes = mem.fused_bytes if prim is not None else mem.unfused_bytes

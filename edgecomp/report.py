@@ -18,7 +18,8 @@ Definitions (bytes; the same words in the JSON, the table and the plot):
 - **output**: the tensors the kernel writes for its consumers (intermediate tensors between
   kernels; the model's outputs are counted per kernel but not in the intermediate total).
 - **workspace**: every buffer the scheduled kernel allocates inside itself (MEC lowered buffer,
-  im2col matrix, padded copies, fused per-tile buffers, register tiles), at the size TVM
+  im2col matrix, padded copies, fused per-tile buffers; register tiles, scope ``local``, live
+  in registers and are not counted), at the size TVM
   allocates it (:func:`edgecomp.kernels.fused_chain.allocated_buffers`), times the number of
   threads that hold one at the same time when it is allocated inside a parallel loop:
   ``min(num-cores of the target, parallel iterations)``.

@@ -3,11 +3,12 @@
 ``DecomposeConv`` replaces a dense convolution by a chain of small convolutions. Run as separate
 operators, that chain writes every intermediate map at full size (T1000's complaint: memory grows
 although FLOPs fall). Here the whole chain is one TE compute; :class:`FusedChainRule` schedules it
-so that, for each tile of output rows and each block of ranks, the intermediates are computed only
-for the rows the tile needs (with the halo of the kh tap / dilation / stride) and only for the
-block's ranks, into tile-sized buffers; the output projection accumulates the rank blocks in the
-output. Small maps (28 x 28 and below on VGG) are one tile; the stages then run their channel
-blocks in parallel instead of the tiles.
+tile by tile: for each tile of output rows (in parallel), the intermediates exist only for the
+rows the tile needs (with the halo of the kh taps / dilation / stride), in tile-sized buffers.
+CP and Tucker-2 computes carry the tile as an explicit axis (:func:`cp_te`), so each tile's input
+window is a contiguous run of input rows and both 1x1 projections are GEMMs along a tile's flat
+pixels, register-tiled like MEC's (:func:`register_tile`); their output is ``[N, K, Ho*Wo]``,
+viewed as NCHW by a reshape. GKPD keeps row tiles over rank blocks (:func:`schedule_gkpd_cpu`).
 
 Weights are taken in the layouts of the ``relax.nn.conv2d`` ops of the chain (OIHW), so the
 re-fusion pass can hand the chain's constants over unchanged:
@@ -27,20 +28,22 @@ Memory accounting (:func:`chain_memory`) is defined so that it can be counted by
 elements x 4 bytes of every tensor the chain creates besides its input, weights and output.
 Unfused (:func:`unfused_intermediates`): each op's output tensor. Fused
 (:func:`fused_buffers`): each per-tile buffer, times the tiles computed at once (one per
-thread). :func:`allocated_buffers` reads the same figure off the scheduled TIR.
+thread); register tiles are not memory. :func:`allocated_buffers` reads the same figure off the
+scheduled TIR.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from edgecomp.kernels.target_info import cpu_info, num_cores
+from edgecomp.kernels.target_info import CpuInfo, cpu_info, num_cores
 
 ATTR_KIND = "edgecomp.fused_chain"
 ATTR_TILE_ROWS = "edgecomp.tile_rows"
@@ -49,8 +52,9 @@ FLOAT_BYTES = 4
 
 # Block names of the stages, shared by the TE computes and the schedule.
 PROJ_IN = "fc_proj_in"  # 1x1 C -> R (CP, Tucker-2) / the B-factor conv (GKPD)
-MID = ("fc_vert", "fc_horiz", "fc_core")  # spatial stages between the projections
+MID = ("fc_dw", "fc_core")  # spatial stage between the projections: CP, Tucker-2
 PROJ_OUT = "fc_proj_out"  # 1x1 R -> K (CP, Tucker-2) / the A-factor conv (GKPD)
+BIAS = "fc_bias"  # CP, Tucker-2: the bias added to the projection's register tile
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ class ChainSpec:
         sh, sw = self.geom.strides
         if self.kind == "cp":
             r = self.ranks[0]
-            return {"proj_in": r * c * sh * sw, "mid": r * (kh * sw + kw), "proj_out": r * k}
+            return {"proj_in": r * c * sh * sw, "mid": r * kh * kw, "proj_out": r * k}
         if self.kind == "tucker2":
             r3, r4 = self.ranks
             return {"proj_in": r3 * c * sh * sw, "mid": r4 * r3 * kh * kw, "proj_out": r4 * k}
@@ -143,17 +147,63 @@ class ChainSpec:
         return (rows - 1) * sh + (self.kernel[0] - 1) * dh + 1
 
 
-def _rank_bytes(spec: ChainSpec, rows: int) -> int:
-    """Per-tile bytes of the intermediates that scale with the rank block, per rank."""
-    _, _, h, w = spec.in_shape
-    ho, wo = spec.out_hw
-    rin = spec.rows_in(rows)
-    if rows >= ho and spec.kind != "gkpd":  # whole map: the projection skips the padding rows
-        rin = h
+# CP / Tucker-2 ranks above this are padded with zero ranks to a multiple of it, so that rank
+# blocks and register tiles divide them (a rank like 137 would otherwise leave a 1-wide tile).
+RANK_ALIGN = 8
+
+
+def padded_rank(r: int) -> int:
+    """``r`` rounded up to a multiple of :data:`RANK_ALIGN` (unchanged up to ``RANK_ALIGN``)."""
+    return r if r <= RANK_ALIGN else -(-r // RANK_ALIGN) * RANK_ALIGN
+
+
+def pad_ranks(spec: ChainSpec, weights: list[np.ndarray]) -> tuple[ChainSpec, list[np.ndarray]]:
+    """Zero-pad a CP / Tucker-2 chain's ranks to a multiple of :data:`RANK_ALIGN`.
+
+    Exact: a zero rank adds nothing to the output. Ranks up to ``RANK_ALIGN``, and GKPD chains,
+    are returned unchanged.
+    """
+    if spec.kind == "gkpd":
+        return spec, weights
+    up = padded_rank
+
+    def pad(w: np.ndarray, axis: int, to: int) -> np.ndarray:
+        widths = [(0, 0)] * w.ndim
+        widths[axis] = (0, to - w.shape[axis])
+        return np.pad(w, widths)
+
     if spec.kind == "cp":
-        return FLOAT_BYTES * (rin * w + rows * w + rows * wo)
-    if spec.kind == "tucker2":
-        return FLOAT_BYTES * rows * wo
+        r = up(spec.ranks[0])
+        w_in, w_v, w_h, w_out = weights
+        padded = [pad(w_in, 0, r), pad(w_v, 0, r), pad(w_h, 0, r), pad(w_out, 1, r)]
+        return replace(spec, ranks=(r,)), padded
+    r3, r4 = (up(r) for r in spec.ranks)
+    w_in, w_core, w_out = weights
+    padded = [pad(w_in, 0, r3), pad(pad(w_core, 0, r4), 1, r3), pad(w_out, 1, r4)]
+    return replace(spec, ranks=(r3, r4)), padded
+
+
+def tile_rows(spec: ChainSpec, rows: int) -> int:
+    """The tile height the CP / Tucker-2 kernel uses for ``rows``: the largest divisor of Ho <= rows.
+
+    Divisors keep every tile full, so no loop of the kernel carries a bounds predicate.
+    """
+    ho = spec.out_hw[0]
+    rows = max(1, min(rows, ho))
+    while ho % rows:
+        rows -= 1
+    return rows
+
+
+def tile_rows_in(spec: ChainSpec, rows: int) -> int:
+    """Input rows of a CP / Tucker-2 tile's window: its rows and halo, at most the map's H."""
+    return min(spec.rows_in(rows), spec.in_shape[2])
+
+
+def _gkpd_rank_bytes(spec: ChainSpec, rows: int) -> int:
+    """GKPD: per-tile bytes of the B-conv output ``z`` per rank."""
+    _, _, h, w = spec.in_shape
+    rin = spec.rows_in(rows)
     r, k1, c1, kh1, kw1, k2, c2, kh2, kw2 = spec.ranks
     pt, pl, pb, pr = spec.geom.padding
     wz = w + pl + pr - spec.geom.dilation[1] * (kw2 - 1)
@@ -163,30 +213,31 @@ def _rank_bytes(spec: ChainSpec, rows: int) -> int:
 def fused_buffers(spec: ChainSpec, rows: int, rank_block: int) -> dict[str, int]:
     """Bytes of each buffer one tile of the fused kernel allocates (what the TIR allocates).
 
-    Hand count, float32: CP ``t1 = rb*rows_in*W``, ``t2 = rb*rows*W``, ``t3 = rb*rows*Wo``;
-    Tucker-2 ``t1 = R3*rows_in*W``, ``core = rb*rows*Wo``; GKPD ``z = rb*K2*C1*rows_in*Wz``;
-    with ``rows_in = (rows-1)*sh + (kh-1)*dh + 1`` (GKPD: ``(kh1-1)*kh2*dh``) and ``rb`` the
-    rank block (at most the number of ranks). The output projection accumulates in the
-    kernel's output, so nothing else.
+    Hand count, float32, with ``rows`` the tile height (:func:`tile_rows`) and ``rows_in``
+    its input window (:func:`tile_rows_in`: ``(rows-1)*sh + (kh-1)*dh + 1``, at most H):
+
+    - CP: ``t1 = rb*rows_in*W`` (the input projection of one rank block, ``rb`` at most R) and
+      ``dw = R*rows*Wo`` (the depthwise result of every rank, which the output projection reads);
+    - Tucker-2: ``t1 = R3*rows_in*W`` and ``core = R4*rows*Wo``;
+    - GKPD: ``z = rb*K2*C1*rows_in*Wz`` (``rows_in = (rows-1)*sh + (kh1-1)*kh2*dh + 1``).
+
+    Register tiles (``local`` accumulators) are not memory and are not counted.
     """
     _, _, h, w = spec.in_shape
-    ho, wo = spec.out_hw
-    rb = min(rank_block, spec.rank - spec.bias)  # the bias "rank" has no intermediate channel
-    rin = spec.rows_in(rows)
-    if rows >= ho and spec.kind != "gkpd":  # whole map: the projection skips the padding rows
-        rin = h
+    wo = spec.out_hw[1]
+    if spec.kind == "gkpd":
+        rb = min(rank_block, spec.rank - spec.bias)  # the bias "rank" has no intermediate
+        return {PROJ_IN: _gkpd_rank_bytes(spec, rows) * rb}
+    rows = tile_rows(spec, rows)
+    rows_in = tile_rows_in(spec, rows)
     if spec.kind == "cp":
+        r = spec.ranks[0]
         return {
-            PROJ_IN: FLOAT_BYTES * rb * rin * w,
-            MID[0]: FLOAT_BYTES * rb * rows * w,
-            MID[1]: FLOAT_BYTES * rb * rows * wo,
+            PROJ_IN: FLOAT_BYTES * min(rank_block, r) * rows_in * w,
+            MID[0]: FLOAT_BYTES * r * rows * wo,
         }
-    if spec.kind == "tucker2":
-        return {
-            PROJ_IN: FLOAT_BYTES * spec.ranks[0] * rin * w,
-            MID[2]: FLOAT_BYTES * rb * rows * wo,
-        }
-    return {PROJ_IN: _rank_bytes(spec, rows) * rb}
+    r3, r4 = spec.ranks
+    return {PROJ_IN: FLOAT_BYTES * r3 * rows_in * w, MID[1]: FLOAT_BYTES * r4 * rows * wo}
 
 
 def unfused_intermediates(spec: ChainSpec) -> dict[str, int]:
@@ -251,6 +302,8 @@ def chain_memory(spec: ChainSpec, threads: int, rows: int, rank_block: int) -> C
     multiply the fused figure.
     """
     ho = spec.out_hw[0]
+    if spec.kind != "gkpd":
+        rows = tile_rows(spec, rows)
     tiles = spec.in_shape[0] * -(-ho // rows)
     concurrent = max(1, min(threads, tiles))
     return ChainMemory(
@@ -263,15 +316,16 @@ def chain_memory(spec: ChainSpec, threads: int, rows: int, rank_block: int) -> C
 
 
 # The per-thread working set a tile aims for: well inside a typical L2 (1 MiB shared by the
-# Cortex-A72 cluster, 512 KiB or more per core on x86), so that a rank block's intermediates
-# stay in cache between the stage that writes them and the one that reads them.
+# Cortex-A72 cluster, 512 KiB or more per core on x86), so that a tile's intermediates stay in
+# cache between the stage that writes them and the one that reads them.
 TILE_BUDGET_BYTES = 256 * 1024
-# Each stage's micro-kernel: UNROLL_C output channels x VECTORS_PER_ROW vector registers of
-# columns, i.e. 8 accumulators, enough to hide the FMA latency (2 vectors per channel measured
-# 1.3-1.5x faster than 1 on x86); one input vector load feeds UNROLL_C accumulators.
+# The fused kernel's buffers, over all threads, stay below this share of the unfused chain's
+# intermediates (T1000's point: the memory saving is the reason to fuse).
+MAX_SHARE = 0.08
+# GKPD: each stage's micro-kernel is UNROLL_C output channels x VECTORS_PER_ROW vector registers
+# of columns; rank blocks below MIN_RANK_BLOCK measured about 2x slower.
 UNROLL_C = 4
 VECTORS_PER_ROW = 2
-# Smaller rank blocks measured about 2x slower (see choose_tiles).
 MIN_RANK_BLOCK = 12
 
 
@@ -280,70 +334,85 @@ def choose_tiles(
     threads: int,
     lanes: int = 8,
     budget: int = TILE_BUDGET_BYTES,
-    max_share: float = 0.05,
+    max_share: float = MAX_SHARE,
 ) -> tuple[int, int]:
     """Pick ``(tile rows, rank block)`` for a chain.
 
-    For every row count, the rank block is the largest whose tile buffers fit both ``budget``
-    per thread and ``max_share`` of the unfused intermediates over all threads (so the fused
-    kernel's memory stays an order of magnitude below the unfused chain's). Among those the
-    modelled cost per output pixel is minimised, in multiply-adds: the input projection with
-    its halo recompute ``rows_in / (rows * sh)``, the other stages, and one load + store of the
-    output tile per rank block (``2 * K * ceil(ranks / rb)``), each stage divided by the share
-    of the ``lanes`` its vectorized axis fills (the output projection vectorizes rows x
-    columns of the tile, the others columns; a whole-map tile's input projection too), and
-    all divided by the load balance of the row tiles over ``threads`` (1 when there are fewer
-    tiles than threads: the schedule then parallelizes inside the stages).
+    Candidates: every divisor of Ho as tile rows, with the largest rank block (a divisor of R,
+    CP only; Tucker-2's whole R3) whose tile buffers (:func:`fused_buffers`) fit ``budget`` per
+    thread and ``max_share`` of the unfused intermediates over all threads. The modelled cost
+    per output pixel, in multiply-adds, is minimised: the input projection with its halo
+    recompute ``rows_in / (rows * sh)``, the middle stage and the output projection, each divided
+    by the share of ``lanes`` its vectorized axis fills (the projections vectorize along a
+    tile's flat pixels, the middle stage along output columns), all divided by the load
+    balance of the tiles over ``threads``.
     """
+    if spec.kind == "gkpd":
+        return _choose_gkpd_tiles(spec, threads, lanes, budget, max_share)
+    n, _, h, w = spec.in_shape
     ho, wo = spec.out_hw
+    sh = spec.geom.strides[0]
+    macs = spec.macs_per_pixel()
+    unfused = sum(unfused_intermediates(spec).values())
+    r = spec.ranks[0]
+    blocks = [d for d in range(r, 0, -1) if r % d == 0] if spec.kind == "cp" else [r]
+    best: tuple[float, int, int] | None = None
+    fallback = (1, min(blocks))
+    for rows in [d for d in range(1, ho + 1) if ho % d == 0]:
+        tiles = n * (ho // rows)
+        concurrent = max(1, min(threads, tiles))
+        allowed = min(budget, max_share * unfused / concurrent)
+        fits = [rb for rb in blocks if sum(fused_buffers(spec, rows, rb).values()) <= allowed]
+        if not fits:
+            continue
+        rows_in = tile_rows_in(spec, rows)
+        work = (
+            macs["proj_in"] * rows_in / (rows * sh) / vector_fill(rows_in * w, lanes)
+            + macs["mid"] / vector_fill(wo, lanes)
+            + macs["proj_out"] / vector_fill(rows * wo, lanes)
+        )
+        balance = tiles / (threads * -(-tiles // threads))
+        cost = work / balance
+        if best is None or cost < best[0] * 0.999:
+            best = (cost, rows, fits[0])
+    if best is None:  # nothing fits: the smallest tile still beats the unfused chain
+        return fallback
+    return best[1], best[2]
+
+
+def _choose_gkpd_tiles(
+    spec: ChainSpec, threads: int, lanes: int, budget: int, max_share: float
+) -> tuple[int, int]:
+    """GKPD's ``(tile rows, rank block)``: the rank block is the largest that fits for each row
+    count, and the cost model is :func:`choose_tiles`' with the output tile loaded and stored
+    once per rank block (``2 * K * ceil(ranks / rb)``) and a 2x penalty for blocks below
+    :data:`MIN_RANK_BLOCK`.
+    """
+    ho = spec.out_hw[0]
     sh = spec.geom.strides[0]
     macs = spec.macs_per_pixel()
     fill_w = _divisor(spec.in_shape[3], lanes) / lanes
     unfused = sum(unfused_intermediates(spec).values())
     best: tuple[float, int, int] | None = None
-    # Rows divide Ho: a partial last tile puts a row predicate inside the vectorized loops,
-    # which TVM then scalarizes. Rank blocks below MIN_RANK_BLOCK measured 2x slower (VGG conv1_2
-    # on x86: rb 8 -> 40 ms, rb 12 -> 22 ms), so they are used only when nothing else fits.
     min_rb = min(MIN_RANK_BLOCK, spec.rank)
     for rows in [r for r in range(1, ho + 1) if ho % r == 0]:
         tiles = spec.in_shape[0] * -(-ho // rows)
         concurrent = max(1, min(threads, tiles))
         allowed = min(budget, max_share * unfused / concurrent)
-        free = allowed - sum(fused_buffers(spec, rows, 0).values())  # Tucker-2's t1 is fixed
-        rb = min(spec.rank, int(free // _rank_bytes(spec, rows)))
+        rb = min(spec.rank, int(allowed // _gkpd_rank_bytes(spec, rows)))
         if rb < 1:
             continue
         penalty = 1.0 if rb >= min_rb else 2.0
-        whole = rows == ho and spec.kind != "gkpd"
-        if tiles < threads:  # the schedule parallelizes inside the stages instead
-            balance = 1.0
-        else:
-            balance = tiles / (threads * -(-tiles // threads))
-        if whole:  # no halo, and the projection's rows x columns vectorize as one run
-            recompute = macs["proj_in"]
-            fill_in = _divisor(spec.in_shape[2] * spec.in_shape[3], lanes) / lanes
-        else:
-            recompute = macs["proj_in"] * spec.rows_in(rows) / (rows * sh)
-            fill_in = fill_w
-        fill_out = _divisor(rows * wo, lanes) / lanes if spec.kind != "gkpd" else fill_w
+        balance = 1.0 if tiles < threads else tiles / (threads * -(-tiles // threads))
+        recompute = macs["proj_in"] * spec.rows_in(rows) / (rows * sh)
         traffic = 2 * spec.out_channels * -(-spec.rank // rb)
-        work = recompute / fill_in + macs["mid"] / fill_w + (macs["proj_out"] + traffic) / fill_out
-        cost = work * penalty / balance
+        cost = (recompute + macs["proj_out"] + traffic) / fill_w * penalty / balance
         if best is None or cost < best[0] * 0.999:
             best = (cost, rows, rb)
-    if best is None:  # nothing fits: the smallest tile still beats the unfused chain
+    if best is None:
         return 1, 1
     _, rows, rb = best
-    # A multiple of the stages' channel unroll, so that every stage keeps its register block.
-    step = UNROLL_C
-    if rows >= ho and spec.kind != "gkpd" and spec.in_shape[0] < threads:
-        # One tile: each stage splits the rank block into parallel chunks of up to 2 * UNROLL_C
-        # channels, so a multiple of threads x that keeps the threads evenly loaded (VGG conv4
-        # chain, 28 x 28, 2 threads: rb 24 = 3 chunks 6.99 ms, rb 32 6.26 ms, unfused 3.85 ms).
-        step = max(step, threads * 2 * UNROLL_C)
-    if rb >= step:
-        rb -= rb % step
-    elif rb >= UNROLL_C:
+    if rb >= UNROLL_C:
         rb -= rb % UNROLL_C
     return rows, rb
 
@@ -362,55 +431,72 @@ def _padded(t: te.Tensor, pads: tuple[int, int, int, int], name: str) -> te.Tens
     return te.compute((n, c, h + pt + pb, w + pl + pr), value, name=name)
 
 
-def _proj(x: te.Tensor, w: te.Tensor, name: str) -> te.Tensor:
-    """1x1 convolution (a channel projection) of an NCHW tensor."""
-    n, c, h, wd = (int(d) for d in x.shape)
+def _tile_start(yt: tirx.PrimExpr, spec: ChainSpec, rows: int) -> tirx.PrimExpr:
+    """First input row of tile ``yt``'s input window, shifted inside the map at its borders.
+
+    The window holds :func:`tile_rows_in` rows; moved to stay inside ``[0, H)`` it still holds
+    every valid row the tile reads (the rows it loses are padding, which read zero).
+    """
+    h = spec.in_shape[2]
+    pt = spec.geom.padding[0]
+    start = yt * (rows * spec.geom.strides[0]) - pt
+    return tirx.max(tirx.min(start, h - tile_rows_in(spec, rows)), 0)
+
+
+def _proj_in(x: te.Tensor, w_in: te.Tensor, spec: ChainSpec, rows: int) -> te.Tensor:
+    """The input 1x1 projection C -> R of each tile's input window, ``[N, tiles, R, rows_in*W]``.
+
+    The window's rows are contiguous in the input and in the result, so the pixels of a tile
+    are one flat axis: the GEMM vectorizes along it whatever the map's width.
+    """
+    n, c, h, w = (int(d) for d in x.shape)
+    rows_in = tile_rows_in(spec, rows)
     rc = te.reduce_axis((0, c), name="rc")
     return te.compute(
-        (n, int(w.shape[0]), h, wd),
-        lambda b, k, y, xx: te.sum(x[b, rc, y, xx] * w[k, rc, 0, 0], axis=rc),
-        name=name,
+        (n, spec.out_hw[0] // rows, int(w_in.shape[0]), rows_in * w),
+        lambda b, yt, ch, q: te.sum(
+            x[b, rc, _tile_start(yt, spec, rows) + q // w, q % w] * w_in[ch, rc, 0, 0], axis=rc
+        ),
+        name=PROJ_IN,
     )
 
 
-def _proj_padded_rows(x: te.Tensor, w: te.Tensor, pt: int, pb: int) -> te.Tensor:
-    """1x1 projection computed over the zero-padded rows ``[-pt, H + pb)`` of its input.
+def _window_tap(
+    t1: te.Tensor, spec: ChainSpec, rows: int, idx: tuple, row: tirx.PrimExpr, col: tirx.PrimExpr
+) -> tirx.PrimExpr:
+    """``t1``'s value at input ``(row, col)`` (zero in the padding) for tile ``idx = (b, yt, ch)``.
 
-    Padding rows come out 0 because the weight is masked there (the input row index is clamped
-    so nothing is read out of bounds). Computing the padded domain keeps the region a tile reads
-    a plain affine window of this buffer (no clamping at the borders), so TVM can shrink the
-    buffer to the tile; the mask is uniform along a row, so the column loop still vectorizes.
+    The row offset inside the window is taken modulo its height: the same value for every
+    valid row, an in-bounds index for padding rows (masked anyway), and a region TVM's
+    ``compute_at`` bounds by the window without further analysis.
     """
-    n, c, h, wd = (int(d) for d in x.shape)
-    rc = te.reduce_axis((0, c), name="rc")
-
-    def value(b, k, y, xx):
-        row = tirx.max(tirx.min(y - pt, h - 1), 0)
-        inside = tirx.all(y >= pt, y < h + pt)
-        weight = tirx.if_then_else(inside, w[k, rc, 0, 0], tirx.const(0.0, "float32"))
-        return te.sum(x[b, rc, row, xx] * weight, axis=rc)
-
-    return te.compute((n, int(w.shape[0]), h + pt + pb, wd), value, name=PROJ_IN)
+    b, yt, ch = idx
+    _, _, h, w = spec.in_shape
+    rows_in = tile_rows_in(spec, rows)
+    inside = tirx.all(row >= 0, row < h, col >= 0, col < w)
+    offset = tirx.floormod(row - _tile_start(yt, spec, rows), rows_in)
+    return tirx.if_then_else(inside, t1[b, yt, ch, offset * w + col], tirx.const(0.0, "float32"))
 
 
-def _proj_out(t: te.Tensor, w: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
-    """The output 1x1 projection R -> K, with the bias folded in as one more rank.
+def _proj_out(mid: te.Tensor, w_out: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
+    """The output 1x1 projection R -> K (+ bias), written as ``[N, K, Ho*Wo]``.
 
-    With a bias the sum runs over ``R + 1`` ranks and the last one contributes ``bias[k]``
-    (as if the intermediate had a constant-1 channel). The kernel then accumulates straight
-    into its output: no separate bias pass and no tile-sized accumulator.
+    ``mid`` is ``[N, tiles, R, rows, Wo]``; a tile's ``rows * Wo`` output pixels are contiguous in
+    the flat output, so the projection vectorizes along them like :func:`_proj_in`.
     """
-    if bias is None:
-        return _proj(t, w, PROJ_OUT)
-    n, r, h, wd = (int(d) for d in t.shape)
-    rr = te.reduce_axis((0, r + 1), name="rr")
-    return te.compute(
-        (n, int(w.shape[0]), h, wd),
-        lambda b, k, y, x: te.sum(
-            tirx.if_then_else(rr < r, t[b, rr, y, x] * w[k, rr, 0, 0], bias[k]), axis=rr
+    n, tiles, r, rows, wo = (int(d) for d in mid.shape)
+    k, tp = int(w_out.shape[0]), rows * wo
+    rr = te.reduce_axis((0, r), name="rr")
+    acc = te.compute(
+        (n, k, tiles * tp),
+        lambda b, kk, p: te.sum(
+            mid[b, p // tp, rr, p % tp // wo, p % wo] * w_out[kk, rr, 0, 0], axis=rr
         ),
         name=PROJ_OUT,
     )
+    if bias is None:
+        return acc
+    return te.compute((n, k, tiles * tp), lambda b, kk, p: acc[b, kk, p] + bias[kk], name=BIAS)
 
 
 def cp_te(
@@ -420,41 +506,31 @@ def cp_te(
     w_h: te.Tensor,
     w_out: te.Tensor,
     bias: te.Tensor | None,
-    geom: ConvGeometry,
-    whole_map: bool = False,
+    spec: ChainSpec,
+    rows: int,
 ) -> te.Tensor:
-    """The CP chain 1x1 (C->R), dw kh x 1, dw 1 x kw, 1x1 (R->K) (+ bias) as one compute.
+    """The CP chain 1x1 (C->R), dw kh x 1, dw 1 x kw, 1x1 (R->K) (+ bias), tile by tile.
 
-    The vertical depthwise carries the vertical stride / padding / dilation, the horizontal one
-    the horizontal ones, exactly as the separate ``conv2d`` ops of the chain do. ``whole_map``:
-    the schedule will not tile rows, so the input projection covers the unpadded map (a plain
-    1x1 convolution, whose rows x columns vectorize as one run) and the padding becomes a
-    condition in the vertical stage.
+    For each tile of ``rows`` output rows: the input projection of its input window, both
+    depthwise filters as one ``kh x kw`` rank-1 filter per rank (stride, padding and dilation of
+    the dense convolution), then the output projection. Output ``[N, K, Ho*Wo]``.
     """
     n, _, h, w = (int(d) for d in x.shape)
     r, kh, kw = int(w_in.shape[0]), int(w_v.shape[2]), int(w_h.shape[3])
-    sh, sw = geom.strides
-    pt, pl, pb, pr = geom.padding
-    dh, dw = geom.dilation
-    ho, wo = geom.out_size(h, w, kh, kw)
-    if whole_map:
-        t1 = _padded(_proj(x, w_in, PROJ_IN), (pt, 0, pb, 0), "fc_pad_v")
-    else:
-        t1 = _proj_padded_rows(x, w_in, pt, pb)
+    (sh, sw), (pt, pl, _, _), (dh, dw) = spec.geom.strides, spec.geom.padding, spec.geom.dilation
+    ho, wo = spec.out_hw
+    t1 = _proj_in(x, w_in, spec, rows)
     ri = te.reduce_axis((0, kh), name="ri")
-    t2 = te.compute(
-        (n, r, ho, w),
-        lambda b, c, y, xx: te.sum(t1[b, c, y * sh + ri * dh, xx] * w_v[c, 0, ri, 0], axis=ri),
-        name=MID[0],
-    )
-    t2p = _padded(t2, (0, pl, 0, pr), "fc_pad_h")
     rj = te.reduce_axis((0, kw), name="rj")
-    t3 = te.compute(
-        (n, r, ho, wo),
-        lambda b, c, y, xx: te.sum(t2p[b, c, y, xx * sw + rj * dw] * w_h[c, 0, 0, rj], axis=rj),
-        name=MID[1],
-    )
-    return _proj_out(t3, w_out, bias)
+
+    def depthwise(b, yt, ch, yy, xo):
+        row = (yt * rows + yy) * sh + ri * dh - pt
+        col = xo * sw + rj * dw - pl
+        tap = _window_tap(t1, spec, rows, (b, yt, ch), row, col)
+        return te.sum(tap * (w_v[ch, 0, ri, 0] * w_h[ch, 0, 0, rj]), axis=[ri, rj])
+
+    mid = te.compute((n, ho // rows, r, rows, wo), depthwise, name=MID[0])
+    return _proj_out(mid, w_out, bias)
 
 
 def tucker2_te(
@@ -463,36 +539,32 @@ def tucker2_te(
     w_core: te.Tensor,
     w_out: te.Tensor,
     bias: te.Tensor | None,
-    geom: ConvGeometry,
-    whole_map: bool = False,
+    spec: ChainSpec,
+    rows: int,
 ) -> te.Tensor:
-    """The Tucker-2 chain 1x1 (C->R3), kh x kw core (R3->R4), 1x1 (R4->K) (+ bias), one compute.
+    """The Tucker-2 chain 1x1 (C->R3), kh x kw core (R3->R4), 1x1 (R4->K) (+ bias), tile by tile.
 
-    ``whole_map`` as for :func:`cp_te` (the padding becomes a condition in the core).
+    As :func:`cp_te`, with the core convolution between the projections. Output
+    ``[N, K, Ho*Wo]``.
     """
     n, _, h, w = (int(d) for d in x.shape)
     r3, r4 = int(w_core.shape[1]), int(w_core.shape[0])
     kh, kw = int(w_core.shape[2]), int(w_core.shape[3])
-    sh, sw = geom.strides
-    dh, dw = geom.dilation
-    ho, wo = geom.out_size(h, w, kh, kw)
-    pt, pl, pb, pr = geom.padding
-    if whole_map:
-        t1 = _padded(_proj(x, w_in, PROJ_IN), geom.padding, "fc_pad")
-    else:
-        t1 = _padded(_proj_padded_rows(x, w_in, pt, pb), (0, pl, 0, pr), "fc_pad_h")
+    (sh, sw), (pt, pl, _, _), (dh, dw) = spec.geom.strides, spec.geom.padding, spec.geom.dilation
+    ho, wo = spec.out_hw
+    t1 = _proj_in(x, w_in, spec, rows)
     rc = te.reduce_axis((0, r3), name="rc")
     ri = te.reduce_axis((0, kh), name="ri")
     rj = te.reduce_axis((0, kw), name="rj")
-    t2 = te.compute(
-        (n, r4, ho, wo),
-        lambda b, c, y, xx: te.sum(
-            t1[b, rc, y * sh + ri * dh, xx * sw + rj * dw] * w_core[c, rc, ri, rj],
-            axis=[rc, ri, rj],
-        ),
-        name=MID[2],
-    )
-    return _proj_out(t2, w_out, bias)
+
+    def core(b, yt, ch, yy, xo):
+        row = (yt * rows + yy) * sh + ri * dh - pt
+        col = xo * sw + rj * dw - pl
+        tap = _window_tap(t1, spec, rows, (b, yt, rc), row, col)
+        return te.sum(tap * w_core[ch, rc, ri, rj], axis=[rc, ri, rj])
+
+    mid = te.compute((n, ho // rows, r4, rows, wo), core, name=MID[1])
+    return _proj_out(mid, w_out, bias)
 
 
 def gkpd_te(
@@ -569,17 +641,17 @@ _OPAQUE = 8
 def fused_chain_te(
     spec: ChainSpec, x: te.Tensor, *weights_and_bias: te.Tensor, rows: int = 1
 ) -> te.Tensor:
-    """The fused compute of ``spec`` for tiles of ``rows`` output rows.
+    """The fused compute of ``spec`` for tiles of ``rows`` output rows (a divisor of Ho).
 
     Arguments: the input, the weights as in the module docstring, then the bias (if any).
+    CP and Tucker-2 return ``[N, K, Ho*Wo]`` (see :func:`emit_fused_chain`), GKPD NCHW.
     """
     weights = list(weights_and_bias)
     bias = weights.pop() if spec.bias else None
-    whole_map = rows >= spec.out_hw[0]
     if spec.kind == "cp":
-        return cp_te(x, *weights, bias, spec.geom, whole_map)
+        return cp_te(x, *weights, bias, spec, rows)
     if spec.kind == "tucker2":
-        return tucker2_te(x, *weights, bias, spec.geom, whole_map)
+        return tucker2_te(x, *weights, bias, spec, rows)
     return gkpd_te(x, *weights, bias, spec.geom)
 
 
@@ -598,11 +670,13 @@ def emit_fused_chain(
     :class:`FusedChainRule` reads when it schedules it.
     """
     args = [data, *weights] + ([bias] if bias is not None else [])
+    if spec.kind != "gkpd":
+        rows = tile_rows(spec, rows)
 
     def compute(x: te.Tensor, *rest: te.Tensor) -> te.Tensor:  # call_te takes no dataclasses
         return fused_chain_te(spec, x, *rest, rows=rows)
 
-    return bb.call_te(
+    out = bb.call_te(
         compute,
         *args,
         primfunc_name_hint=f"fused_{spec.kind}_chain",
@@ -613,6 +687,10 @@ def emit_fused_chain(
             "op_pattern": _OPAQUE,
         },
     )
+    if spec.kind == "gkpd":
+        return out
+    # The flat [N, K, Ho*Wo] output as NCHW: a view (TVM's RewriteDataflowReshape), no copy.
+    return bb.emit(relax.op.reshape(out, (spec.in_shape[0], spec.out_channels, *spec.out_hw)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,7 +722,7 @@ PAD_BLOCKS = ("fc_pad", "fc_pad_v", "fc_pad_h")
 def _block_names(sch: s_tir.Schedule) -> list[str]:
     """The stage blocks of a fused chain present in ``sch`` (a chain has no bias, or no pads)."""
     names = []
-    for name in (PROJ_IN, *MID, PROJ_OUT, *PAD_BLOCKS):
+    for name in (PROJ_IN, *MID, PROJ_OUT, BIAS, *PAD_BLOCKS):
         try:
             sch.get_sblock(name)
         except Exception:  # noqa: BLE001 - the schedule raises a bare TVM error for a missing block
@@ -748,40 +826,169 @@ def _try(primitive: Callable[..., object], *args: object) -> bool:
     return True
 
 
+def register_tile(bcast: int, vec: int, lanes: int, registers: int) -> tuple[int, int, int]:
+    """The register tile ``(m, n_vec, l)`` of a GEMM stage: ``m x n_vec`` vector accumulators.
+
+    Per reduction step the micro-kernel broadcasts ``m`` weights (``m`` divides ``bcast``, the
+    channels it computes) and loads ``n_vec`` vectors of ``l`` pixels (``n_vec * l`` divides
+    ``vec``, ``l`` the widest power of two <= ``lanes`` dividing it): no padding, no predicate.
+    The cost is that of :func:`edgecomp.kernels.mec_conv.choose_tiles` (two FMA and two load
+    ports, FMA latency 4 wanting >= 8 accumulators) per useful lane.
+    """
+    lanes_used = _divisor(vec, lanes)
+    best: tuple[tuple[float, float], int, int] | None = None
+    for n_vec in range(1, 9):
+        if (vec // lanes_used) % n_vec:
+            continue
+        for m in range(1, 17):
+            if bcast % m or m * n_vec + n_vec + 1 > registers:
+                continue
+            step = max(m * n_vec, m + n_vec, 10) / 2.0
+            cost = step / (m * n_vec) * lanes / lanes_used
+            key = (round(cost, 4), (m + n_vec) / (m * n_vec))
+            if best is None or key < best[0]:
+                best = (key, m, n_vec)
+    assert best is not None  # m = n_vec = 1 always fits
+    return best[1], best[2], lanes_used
+
+
+def _gemm_stage(
+    sch: s_tir.Schedule,
+    block: s_tir.schedule.SBlockRV,
+    out: s_tir.schedule.SBlockRV | None,
+    info: CpuInfo,
+) -> None:
+    """Register-tile a projection whose three innermost loops are (channel, pixel, reduction).
+
+    The ``m x n_vec`` accumulators of :func:`register_tile` live in a ``local`` buffer across
+    the whole reduction; ``out`` is the block that consumes them per tile (the bias epilogue),
+    or None to write them back with ``cache_write``.
+    """
+    ch, px, red = sch.get_loops(block)[-3:]
+    m, n_vec, lanes = register_tile(
+        int(sch.get(ch).extent), int(sch.get(px).extent), info.lanes, info.registers
+    )
+    ch_o, ch_i = sch.split(ch, [None, m])
+    px_o, px_v, px_l = sch.split(px, [None, n_vec, lanes])
+    sch.reorder(ch_o, px_o, red, ch_i, px_v, px_l)
+    if out is None:
+        out = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(out, px_o, preserve_unit_loops=True)
+        if lanes > 1:
+            sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, lanes])[1])
+    sch.unroll(ch_i)
+    sch.unroll(px_v)
+    if lanes > 1:
+        sch.vectorize(px_l)
+    init = sch.decompose_reduction(block, red)
+    if lanes > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+
+
 def schedule_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
-    """Tile a fused chain over output rows and rank blocks, computing intermediates per tile.
+    """Schedule a fused chain: tiles of output rows in parallel, intermediates per tile.
+
+    CP / Tucker-2 loop nest (``rows`` = attr ``edgecomp.tile_rows``, ``rb`` =
+    ``edgecomp.rank_block``)::
+
+        parallel for each tile of `rows` output rows (over the batch too):
+            [Tucker-2: input projection C -> R3 of the tile's input window]
+            for each block of `rb` ranks (CP):
+                [CP: input projection C -> rb of the tile's input window]
+                [depthwise kh x kw / core conv, into the tile's R-channel buffer]
+            for each block of m output channels, each run of n_vec x lanes pixels:
+                [output projection over all ranks in registers, + bias, stored once]
+
+    Both projections are GEMMs along a tile's flat pixels with register tiles from
+    :func:`register_tile`; the middle stage vectorizes along output columns, its padding a
+    condition. GKPD chains keep their own schedule (:func:`schedule_gkpd_cpu`).
+    """
+    if str(func.attrs[ATTR_KIND]) == "gkpd":
+        return schedule_gkpd_cpu(func, target)
+    info = cpu_info(target)
+    sch = s_tir.Schedule(func)
+    proj_out = sch.get_sblock(PROJ_OUT)
+    bias = sch.get_sblock(BIAS) if BIAS in _block_names(sch) else None
+    mid = sch.get_sblock(MID[0] if str(func.attrs[ATTR_KIND]) == "cp" else MID[1])
+    proj_in = sch.get_sblock(PROJ_IN)
+    mid_iters = sch.get(mid).iter_vars
+    tiles, ranks = int(mid_iters[1].dom.extent), int(mid_iters[2].dom.extent)
+    rows, wo = int(mid_iters[3].dom.extent), int(mid_iters[4].dom.extent)
+    # The output: [N, K, Ho*Wo] split into tiles of rows * Wo pixels, register-tiled.
+    out = bias if bias is not None else sch.cache_write(proj_out, 0, "local")
+    b, k, p = sch.get_loops(out)
+    p_t, p_i = sch.split(p, [tiles, rows * wo])
+    m, n_vec, lanes = register_tile(
+        int(sch.get(k).extent), rows * wo, info.lanes, info.registers
+    )
+    k_o, k_i = sch.split(k, [None, m])
+    p_o, p_v, p_l = sch.split(p_i, [None, n_vec, lanes])
+    sch.reorder(b, p_t, k_o, p_o, k_i, p_v, p_l)
+    tile = sch.fuse(b, p_t)
+    sch.parallel(tile)
+    sch.compute_at(proj_out, p_o, preserve_unit_loops=True)
+    if bias is not None:
+        sch.set_scope(proj_out, 0, "local")
+    sch.unroll(k_i)
+    sch.unroll(p_v)
+    if lanes > 1:
+        sch.vectorize(p_l)
+    # The projection's loops under p_o: (channel, pixel, rank); pixels in vectors.
+    ch, px, rr = sch.get_loops(proj_out)[-3:]
+    px_v, px_l = sch.split(px, [None, lanes])
+    sch.reorder(rr, ch, px_v, px_l)
+    sch.unroll(ch)
+    sch.unroll(px_v)
+    if lanes > 1:
+        sch.vectorize(px_l)
+    init = sch.decompose_reduction(proj_out, rr)
+    if lanes > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+    # The middle stage for the whole tile, vectorized along its output columns.
+    sch.compute_at(mid, tile, preserve_unit_loops=True)
+    n_red = len(sch.get(mid).iter_vars) - 5
+    ch, yy, xo, *red = sch.get_loops(mid)[-(3 + n_red) :]
+    rb = min(int(func.attrs.get(ATTR_RANK_BLOCK, ranks)), ranks)
+    blocked = str(func.attrs[ATTR_KIND]) == "cp" and rb < ranks
+    ch_o, ch = sch.split(ch, [None, rb]) if blocked else (tile, ch)
+    col_lanes = _divisor(wo, info.lanes)
+    xo_o, xo_l = sch.split(xo, [None, col_lanes])
+    sch.reorder(ch, yy, xo_o, *red, xo_l)
+    if col_lanes > 1:
+        sch.vectorize(xo_l)
+    sch.decompose_reduction(mid, red[0])
+    # The input projection of the window: per rank block (CP) or per tile (Tucker-2).
+    sch.compute_at(proj_in, ch_o, preserve_unit_loops=True)
+    _gemm_stage(sch, proj_in, None, info)
+    return sch
+
+
+def schedule_gkpd_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
+    """Tile a GKPD chain over output rows and rank blocks, computing intermediates per tile.
 
     Loop nest (``rows`` = attr ``edgecomp.tile_rows``, ``rb`` = attr ``edgecomp.rank_block``)::
 
         parallel for each tile of `rows` output rows:
-            [Tucker-2 only: C -> R3 projection of the input rows the tile needs, halo included]
-            for each block of `rb` ranks (CP: R, Tucker-2: R4, GKPD: R):
-                [the rank block's intermediates for the tile's rows: projection / B conv,
-                 depthwise(s) / core]
-                [output projection / A conv, accumulated in the output over the rank blocks;
-                 with a bias, the last rank block adds it (see _proj_out)]
+            for each block of `rb` ranks:
+                [the rank block's B conv for the tile's rows]
+                [A conv, accumulated in the output over the rank blocks; with a bias, the
+                 last rank block adds it]
 
-    CP and GKPD ranks are independent until the output projection sums them, so only one rank
-    block of every intermediate exists at a time; each stage is vectorized along its columns.
-    With fewer row tiles than cores (``rows`` = the whole map) each stage's outer channel-block
-    loop is parallel instead of the tile loop.
+    Each stage is vectorized along its columns. With fewer row tiles than cores each stage's
+    outer channel-block loop is parallel instead of the tile loop.
     """
     sch = s_tir.Schedule(func)
     names = _block_names(sch)
     lanes = vector_lanes(target) * VECTORS_PER_ROW
     rows = int(func.attrs.get(ATTR_TILE_ROWS, 1))
-    kind = str(func.attrs[ATTR_KIND])
     for name in names:  # zero padding becomes a condition inside the consumer: no padded copy
         if name in PAD_BLOCKS:
             sch.compute_inline(sch.get_sblock(name))
     proj_out = sch.get_sblock(PROJ_OUT)
     b, k, y, x, *red = sch.get_loops(proj_out)
-    whole_map = rows >= int(sch.get(y).extent) and kind != "gkpd"
     y_o, y_i = sch.split(y, [None, rows])
     sch.reorder(b, y_o, k, y_i, x, *red)
     tile = sch.fuse(b, y_o)
-    # Fewer tiles than cores (a whole small map per tile): the stages' channel loops are
-    # parallel instead, one parallel region per stage and rank block.
     inner_parallel = int(sch.get(tile).extent) < num_cores(target)
     if not inner_parallel:
         sch.parallel(tile)
@@ -791,31 +998,9 @@ def schedule_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
     rank_o, rank_i = sch.split(rank, [None, rb])
     spatial = [roles[i] for i in (1, 2, 3) if i in roles]
     sch.reorder(rank_o, *spatial, rank_i)
-    blocked = [n for n in (*reversed(MID), PROJ_IN) if n in names]
-    if kind == "tucker2":  # the core mixes all R3 channels: the projection is per tile only
-        blocked.remove(PROJ_IN)
-    for name in blocked:  # consumers first, so that each producer finds its consumer in the loop
-        sch.compute_at(sch.get_sblock(name), rank_o)
-    stages = [(name, 2) for name in blocked]
-    if kind == "tucker2":
-        sch.compute_at(sch.get_sblock(PROJ_IN), tile)
-        stages.append((PROJ_IN, 1))
-    for name, outer in stages:
-        # A whole-map input projection is a plain 1x1 convolution: rows x columns are one run.
-        fuse = whole_map and name == PROJ_IN
-        block = sch.get_sblock(name)
-        _schedule_stage(sch, block, outer, lanes, fuse_rows=fuse, parallel=inner_parallel)
-    # CP / Tucker-2: the output projection reads a [rb, rows, Wo] tile and writes whole output
-    # rows, so rows x columns is one linear run.
-    _schedule_stage(
-        sch,
-        proj_out,
-        2,
-        lanes,
-        decompose=False,
-        fuse_rows=kind != "gkpd",
-        parallel=inner_parallel,
-    )
+    sch.compute_at(sch.get_sblock(PROJ_IN), rank_o)
+    _schedule_stage(sch, sch.get_sblock(PROJ_IN), 2, lanes, parallel=inner_parallel)
+    _schedule_stage(sch, proj_out, 2, lanes, decompose=False, parallel=inner_parallel)
     # The accumulator is zeroed once per tile, before the first rank block.
     init = _try_block(sch.decompose_reduction, proj_out, rank_o)
     if inner_parallel and init is not None:
@@ -828,8 +1013,8 @@ def allocated_buffers(func: tirx.PrimFunc) -> dict[str, tuple[int, ...]]:
 
     Runs the first lowering steps of TVM's own pipeline (allocation placement and
     ``CompactBufferAllocation``, which shrinks each buffer to the region its loop nest touches)
-    and reads every block's ``alloc_buffers``. This is the measured counterpart of
-    :func:`fused_buffers`.
+    and reads every block's ``alloc_buffers`` except register tiles (scope ``local``). This is
+    the measured counterpart of :func:`fused_buffers`.
     """
     mod = tvm.IRModule({"main": func})
     mod = tvm.transform.Sequential(
@@ -847,7 +1032,8 @@ def allocated_buffers(func: tirx.PrimFunc) -> dict[str, tuple[int, ...]]:
         node = todo.pop()
         if isinstance(node, s_tir.SBlock):
             for buf in node.alloc_buffers:
-                found[buf.name] = tuple(int(d) for d in buf.shape)
+                if buf.scope() != "local":  # register tiles are not memory
+                    found[buf.name] = tuple(int(d) for d in buf.shape)
         for field in ("body", "block", "then_case", "else_case", "init"):
             child = getattr(node, field, None)
             if child is not None:

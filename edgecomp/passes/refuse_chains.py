@@ -48,6 +48,7 @@ from edgecomp.kernels.fused_chain import (
     ConvGeometry,
     choose_tiles,
     emit_fused_chain,
+    pad_ranks,
     unfused_intermediates,
     vector_fill,
 )
@@ -407,11 +408,12 @@ class _Refuser(PyExprMutator):  # type: ignore[misc]
         chain = self.chains.get(op)
         if chain is None:
             return super().visit_call_(op)
-        rows, rank_block = choose_tiles(chain.spec, self.threads, self.lanes, budget=self.budget)
-        weights = [relax.const(w) for w in chain.weights]
+        spec, padded = pad_ranks(chain.spec, chain.weights)
+        rows, rank_block = choose_tiles(spec, self.threads, self.lanes, budget=self.budget)
+        weights = [relax.const(w) for w in padded]
         bias = relax.const(chain.bias) if chain.bias is not None else None
         data = self.visit_expr(chain.data)
-        return emit_fused_chain(self.builder_, chain.spec, data, weights, bias, rows, rank_block)
+        return emit_fused_chain(self.builder_, spec, data, weights, bias, rows, rank_block)
 
 
 @tvm.transform.module_pass(opt_level=0, name="RefuseChains")

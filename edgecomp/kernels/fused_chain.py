@@ -184,7 +184,7 @@ def pad_ranks(spec: ChainSpec, weights: list[np.ndarray]) -> tuple[ChainSpec, li
 
 
 def tile_rows(spec: ChainSpec, rows: int) -> int:
-    """The tile height the CP / Tucker-2 kernel uses for ``rows``: the largest divisor of Ho <= rows.
+    """The tile height the CP / Tucker-2 kernel uses: the largest divisor of Ho <= ``rows``.
 
     Divisors keep every tile full, so no loop of the kernel carries a bounds predicate.
     """
@@ -852,17 +852,11 @@ def register_tile(bcast: int, vec: int, lanes: int, registers: int) -> tuple[int
     return best[1], best[2], lanes_used
 
 
-def _gemm_stage(
-    sch: s_tir.Schedule,
-    block: s_tir.schedule.SBlockRV,
-    out: s_tir.schedule.SBlockRV | None,
-    info: CpuInfo,
-) -> None:
+def _gemm_stage(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, info: CpuInfo) -> None:
     """Register-tile a projection whose three innermost loops are (channel, pixel, reduction).
 
     The ``m x n_vec`` accumulators of :func:`register_tile` live in a ``local`` buffer across
-    the whole reduction; ``out`` is the block that consumes them per tile (the bias epilogue),
-    or None to write them back with ``cache_write``.
+    the whole reduction and are written back once per register tile.
     """
     ch, px, red = sch.get_loops(block)[-3:]
     m, n_vec, lanes = register_tile(
@@ -871,11 +865,10 @@ def _gemm_stage(
     ch_o, ch_i = sch.split(ch, [None, m])
     px_o, px_v, px_l = sch.split(px, [None, n_vec, lanes])
     sch.reorder(ch_o, px_o, red, ch_i, px_v, px_l)
-    if out is None:
-        out = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(out, px_o, preserve_unit_loops=True)
-        if lanes > 1:
-            sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, lanes])[1])
+    out = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(out, px_o, preserve_unit_loops=True)
+    if lanes > 1:
+        sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, lanes])[1])
     sch.unroll(ch_i)
     sch.unroll(px_v)
     if lanes > 1:
@@ -918,9 +911,7 @@ def schedule_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
     out = bias if bias is not None else sch.cache_write(proj_out, 0, "local")
     b, k, p = sch.get_loops(out)
     p_t, p_i = sch.split(p, [tiles, rows * wo])
-    m, n_vec, lanes = register_tile(
-        int(sch.get(k).extent), rows * wo, info.lanes, info.registers
-    )
+    m, n_vec, lanes = register_tile(int(sch.get(k).extent), rows * wo, info.lanes, info.registers)
     k_o, k_i = sch.split(k, [None, m])
     p_o, p_v, p_l = sch.split(p_i, [None, n_vec, lanes])
     sch.reorder(b, p_t, k_o, p_o, k_i, p_v, p_l)
@@ -959,7 +950,7 @@ def schedule_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
     sch.decompose_reduction(mid, red[0])
     # The input projection of the window: per rank block (CP) or per tile (Tucker-2).
     sch.compute_at(proj_in, ch_o, preserve_unit_loops=True)
-    _gemm_stage(sch, proj_in, None, info)
+    _gemm_stage(sch, proj_in, info)
     return sch
 
 

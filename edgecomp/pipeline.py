@@ -25,7 +25,8 @@ from tvm import relax
 from tvm.s_tir import dlight
 
 from edgecomp.errors import EdgecompError
-from edgecomp.kernels import default_rules, legalize_conv2d, legalize_conv2d_im2col
+from edgecomp.kernels import default_rules
+from edgecomp.kernels.mec_conv import CONV_KINDS, conv_legalizer
 from edgecomp.passes.refuse_chains import RefuseChains
 
 DUMP_ENV = "EDGECOMP_DUMP_IR"
@@ -38,9 +39,6 @@ def graph_passes(target: tvm.target.Target, refuse: bool = True) -> list[tvm.tra
     policy; here, re-fusion turns each factor chain it produced into one kernel (T1000).
     """
     return [RefuseChains(target)] if refuse else []
-
-
-CONV_LOWERINGS = {"mec": legalize_conv2d, "im2col": legalize_conv2d_im2col}
 
 
 def lower(
@@ -60,8 +58,10 @@ def lower(
         keep_params_in_input=False)``.
     target : tvm.target.Target
         CPU (llvm: x86, aarch64, armv7) or GPU (``opencl`` Mali, with an llvm host) target.
-    conv : {"mec", "im2col"}
-        Convolution lowering; im2col exists to measure MEC against.
+    conv : {"mec", "mec-buffer", "im2col"}
+        Convolution lowering: MEC reading its lowered matrix in place from the padded input
+        (default), MEC with the lowered buffer materialized, or im2col; the last two exist to
+        measure the first against.
     refuse : bool
         Re-fuse decomposed factor chains into one kernel each (phase 1).
     dump_dir : path, optional
@@ -72,9 +72,9 @@ def lower(
     tvm.IRModule
         Module whose prim funcs are all scheduled; build it with ``tvm.compile(mod, target)``.
     """
-    if conv not in CONV_LOWERINGS:
+    if conv not in CONV_KINDS:
         raise EdgecompError(
-            f"unknown convolution lowering {conv!r}; use one of {', '.join(CONV_LOWERINGS)}"
+            f"unknown convolution lowering {conv!r}; use one of {', '.join(CONV_KINDS)}"
         )
     dump_to = dump_dir or os.environ.get(DUMP_ENV)
     dump = Path(dump_to) if dump_to else None
@@ -96,7 +96,7 @@ def lower(
             [
                 relax.transform.FoldConstant(),
                 relax.transform.LegalizeOps(
-                    customize_legalize_map={"relax.nn.conv2d": CONV_LOWERINGS[conv]}
+                    customize_legalize_map={"relax.nn.conv2d": conv_legalizer(conv)}
                 ),
             ],
             mod,

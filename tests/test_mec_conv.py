@@ -170,13 +170,15 @@ def test_mec_conv_matches_onnxruntime(case: tuple) -> None:
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("conv", ["mec-buffer", "im2col"])
 @pytest.mark.parametrize("case", CASES[2::3], ids=[_case_id(c) for c in CASES[2::3]])
-def test_im2col_conv_matches_onnxruntime(case: tuple) -> None:
+def test_other_lowerings_match_onnxruntime(case: tuple, conv: str) -> None:
+    """MEC with its lowered buffer materialized, and im2col, the two it is measured against."""
     kernel, stride, pads, dilation, c, k, size = case
     model = conv_model(c, k, size, kernel, stride, pads, dilation, relu=False)
     x = np.random.default_rng(2).standard_normal((1, c, *size)).astype(np.float32)
     np.testing.assert_allclose(
-        run_edgecomp(model, x, conv="im2col"), run_ort(model, x), rtol=1e-4, atol=1e-4
+        run_edgecomp(model, x, conv=conv), run_ort(model, x), rtol=1e-4, atol=1e-4
     )
 
 
@@ -208,6 +210,8 @@ def test_schedule_rule_applied_to_conv() -> None:
     # bias + relu became the convolution's epilogue: one fused function, ReLU's max inside.
     assert "T.max(" in script
     assert "mec_conv_local" in script  # accumulators live in a local (register) tile
+    # The GEMM reads the lowered matrix in place from the padded copy: no lowered buffer.
+    assert 'T.sblock("mec_lower")' not in script and 'T.sblock("conv_pad")' in script
 
 
 def numpy_conv(x: np.ndarray, w: np.ndarray, pad: int) -> np.ndarray:

@@ -75,8 +75,13 @@ def test_single_conv_by_hand() -> None:
     assert before["workspace"]["conv_pad"] == after["workspace"]["conv_pad"] == 12 * 12 * 4 * F
     # im2col matrix: (Ho*Wo) x (kh*kw*C) = 100 x 36.
     assert before["workspace"]["im2col_lower"] == 100 * 36 * F
-    # MEC lowered buffer: Wo x (H_padded * kw * C) = 10 x (12 * 3 * 4), 3.33x smaller.
-    assert after["workspace"]["mec_lower"] == 10 * 12 * 3 * 4 * F
+    # MEC reads its lowered matrix in place from the padded copy: no lowered buffer at all.
+    assert "mec_lower" not in after["workspace"]
+    # Materialized (conv="mec-buffer"): Wo x (H_padded * kw * C) = 10 x (12 * 3 * 4), 3.33x
+    # smaller than im2col's.
+    buffered = rp.memory_report(mod, HOST, after=lower(mod, HOST, conv="mec-buffer"))
+    (copied,) = buffered["variants"]["after"]["kernels"]
+    assert copied["workspace"]["mec_lower"] == 10 * 12 * 3 * 4 * F
     # The GEMM's NHWC output row [Wo, K], one per thread (2); its register tile is no memory.
     assert after["workspace"]["mec_conv"] == 2 * 80 * F
     assert "mec_conv_local" not in after["workspace"]
@@ -130,10 +135,10 @@ def test_planned_peak_by_hand() -> None:
     assert [row["kind"] for row in after["kernels"]] == ["conv", "other", "conv"]
     assert [row["layer"] for row in after["kernels"]] == [0, 0, 1]
     conv1, pool, conv2 = after["kernels"]
-    # conv1: its output 8x10x10 + its workspace (pad 12x12x4, MEC 10 x 12x3x4, 2 rows 10x8;
-    # register tiles are no memory); pool: 8x10x10 in, 8x5x5 out; conv2: 8x5x5 in, 6x5x5 out
-    # + pad 7x8x8 (width padded to the 8-column tile + 2), MEC 8 x 7x3x8, rows 2 x 8x8.
-    assert conv1["workspace_bytes"] == F * (12 * 12 * 4 + 10 * 12 * 3 * 4 + 2 * 10 * 8)
+    # conv1: its output 8x10x10 + its workspace (pad 12x12x4, from which MEC reads its lowered
+    # matrix in place, and 2 rows 10x8; register tiles are no memory); pool: 8x10x10 in,
+    # 8x5x5 out; conv2: 8x5x5 in, 6x5x5 out + its workspace.
+    assert conv1["workspace_bytes"] == F * (12 * 12 * 4 + 2 * 10 * 8)
     assert pool["workspace_bytes"] == 0
     at_conv1 = F * 800 + conv1["workspace_bytes"]
     at_pool = F * (800 + 200)

@@ -15,7 +15,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from edgecomp.kernels.fused_chain import FusedChainRule
-from edgecomp.kernels.mec_conv import ConvSchedule, legalize_conv2d, legalize_conv2d_im2col
+from edgecomp.kernels.mec_conv import ConvSchedule, conv_legalizer, legalize_conv2d
 from edgecomp.kernels.schedules import CpuFallback, Matmul
 from edgecomp.kernels.target_info import is_gpu
 
@@ -46,6 +46,6 @@ __all__ = [
     "FusedChainRule",
     "Matmul",
     "default_rules",
+    "conv_legalizer",
     "legalize_conv2d",
-    "legalize_conv2d_im2col",
 ]

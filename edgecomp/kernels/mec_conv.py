@@ -14,7 +14,13 @@ Blocks of the compute (the schedule rule finds them by name / annotation):
 
 - ``conv_pad``: zero-padded NHWC copy of the input, so that building ``L`` copies runs of
   contiguous channels instead of gathering one float per input plane;
-- ``mec_lower``: the lowered buffer ``L`` above (output width padded to the register tile);
+- ``mec_lower``: the lowered buffer ``L`` above (output width padded to the register tile).
+  Each of its rows ``L[n, q, r]`` (``kw * C`` floats) is, for dilation 1, the contiguous run
+  ``xpad[n, r, q*sw : q*sw + kw, :]`` of the padded NHWC copy: ``L`` is a strided view of that
+  copy. By default (lowering ``"mec"``) the schedule therefore inlines it and the GEMM reads
+  its overlapping windows in place: no lowered buffer at all, and on the x86 host 3-15% faster
+  per VGG-19 layer than copying it first (the copy is written and read once more from
+  memory). Lowering ``"mec-buffer"`` materializes ``L`` as in the paper;
 - ``mec_conv``: the GEMMs, writing ``conv[n, p, q, k]`` (channels innermost, so that the
   micro-kernel vectorizes over output channels whatever the image width), annotated
   ``edgecomp.conv_gemm`` with the tile chosen at legalization;
@@ -32,7 +38,7 @@ picks a channel slice of ``L``); depthwise convolutions get a direct kernel (see
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tvm
@@ -44,14 +50,17 @@ from tvm.target import Target
 from edgecomp.kernels import schedules
 from edgecomp.kernels.target_info import CpuInfo, cpu_info, is_gpu
 
-# Block annotation that marks the GEMM block of a lowered convolution (value: "mec" or
-# "im2col"); the tile sizes chosen at legalization travel with it so the schedule agrees with
+# Block annotation that marks the GEMM block of a lowered convolution (value: one of
+# CONV_KINDS); the tile sizes chosen at legalization travel with it so the schedule agrees with
 # the padding the compute already did.
 CONV_GEMM = "edgecomp.conv_gemm"
 TILE_W = "edgecomp.tile_w"
 TILE_VEC = "edgecomp.tile_vec"
 LANES = "edgecomp.lanes"
 DEPTHWISE = "edgecomp.depthwise"
+# The convolution lowerings: MEC read in place (the default), MEC with its lowered buffer
+# materialized, and im2col (the baseline MEC is measured against).
+CONV_KINDS = ("mec", "mec-buffer", "im2col")
 
 
 # ----------------------------------------------------------------------------- tiling choice
@@ -74,7 +83,7 @@ def choose_tiles(
     lanes = info.lanes
     while lanes > 1 and lanes // 2 >= k_per_group:
         lanes //= 2  # 3 channels per group: 4-lane vectors, not 8 of which 5 are padding
-    best: tuple[tuple[float, float, int], int, int] | None = None
+    best: tuple[tuple[float, int, float, int], int, int] | None = None
     # Panel widths that divide the channels need no padding (and keep the NCHW write-back an
     # affine index); pad only when no width divides.
     exact = [n for n in (1, 2, 3, 4) if k_per_group % (n * lanes) == 0] or [1, 2, 3, 4]
@@ -88,8 +97,13 @@ def choose_tiles(
             step = max(tile_w * n_vec, tile_w + n_vec, 10) / 2.0
             waste = math.ceil(out_w / tile_w) * tile_w / out_w * waste_k
             cost = step / (tile_w * n_vec) * waste
-            # Ties go to fewer loads per FMA, then to the bigger tile.
-            key = (round(cost, 4), (tile_w + n_vec) / (tile_w * n_vec), -tile_w * n_vec)
+            # Ties go to more accumulators (32-register files), then to fewer loads per FMA:
+            # the weight panel streams from L2, and more independent FMAs hide its latency
+            # (VGG-19 layers on AVX-512: 14 x 2 vectors 3-10% faster than 4 x 4 at the same
+            # modelled cost). 16-register files (AVX2, armv7) keep room for the loads.
+            acc = tile_w * n_vec
+            loads = (tile_w + n_vec) / acc
+            key = (round(cost, 4), -acc if info.registers >= 32 else 0, loads, -acc)
             if best is None or key < best[0]:
                 best = (key, tile_w, n_vec)
     assert best is not None  # n_vec = 1, tile_w = 1 always fits
@@ -124,6 +138,7 @@ def mec_conv2d(
     tiles: tuple[int, int, int],
     out_dtype: str = "float32",
     out_channels: int | None = None,
+    buffered: bool = False,
 ) -> te.Tensor:
     """MEC convolution of an NCHW input with a weight in GEMM layout.
 
@@ -146,6 +161,9 @@ def mec_conv2d(
         Accumulation and output dtype.
     out_channels : int, optional
         ``K`` when the packed weight carries zero-padded channels (default: no padding).
+    buffered : bool
+        Mark the GEMM ``"mec-buffer"``: the schedule then materializes the lowered buffer
+        instead of reading it in place from the padded copy (see the module docstring).
 
     Returns
     -------
@@ -184,7 +202,7 @@ def mec_conv2d(
         (n, ho, wo_pad, groups * kg),
         gemm,
         name="mec_conv",
-        attrs=_tile_attrs("mec", tiles),
+        attrs=_tile_attrs("mec-buffer" if buffered else "mec", tiles),
     )
     return to_nchw(conv, groups, kg, out_channels, ho, wo)
 
@@ -367,9 +385,17 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return _legalize(bb, call, "mec")
 
 
-def legalize_conv2d_im2col(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """Like :func:`legalize_conv2d` but with the im2col lowering (for comparisons)."""
-    return _legalize(bb, call, "im2col")
+def conv_legalizer(kind: str) -> Callable[[relax.BlockBuilder, relax.Call], relax.Expr]:
+    """The legalization of ``relax.nn.conv2d`` for one of :data:`CONV_KINDS`.
+
+    ``"mec"`` is :func:`legalize_conv2d`; ``"mec-buffer"`` and ``"im2col"`` exist to measure it
+    against (bench/mec_vs_im2col.py, the memory report's "before").
+    """
+    if kind not in CONV_KINDS:
+        raise ValueError(f"unknown convolution lowering {kind!r}; use one of {CONV_KINDS}")
+    if kind == "mec":
+        return legalize_conv2d
+    return lambda bb, call: _legalize(bb, call, kind)
 
 
 def _legalize(bb: relax.BlockBuilder, call: relax.Call, kind: str) -> relax.Expr:
@@ -397,19 +423,17 @@ def _legalize(bb: relax.BlockBuilder, call: relax.Call, kind: str) -> relax.Expr
     tiles = _tiles_for(wo, k // groups, target, kh_ * kw_ * cg)
     panel = tiles[1] * tiles[2]
     packed, folded = _emit_gemm_weight(weight, groups, panel)
-    if kind == "mec":
-        from_te = mec_conv2d
-        name = "mec_conv2d"
-    else:
-        from edgecomp.kernels.im2col_conv import im2col_conv2d
-
-        from_te = im2col_conv2d
-        name = "im2col_conv2d"
 
     def compute(x: te.Tensor, w: te.Tensor) -> te.Tensor:
         wk = w if folded else pack_weight_te(w, groups, panel)
-        return from_te(x, wk, strides, padding, dilation, tiles, out_dtype, k)
+        if kind == "im2col":
+            from edgecomp.kernels.im2col_conv import im2col_conv2d
 
+            return im2col_conv2d(x, wk, strides, padding, dilation, tiles, out_dtype, k)
+        buffered = kind == "mec-buffer"
+        return mec_conv2d(x, wk, strides, padding, dilation, tiles, out_dtype, k, buffered)
+
+    name = "im2col_conv2d" if kind == "im2col" else "mec_conv2d"
     return bb.call_te(compute, data, packed, primfunc_name_hint=name)
 
 
@@ -472,7 +496,7 @@ def schedule_conv_gemm_cpu(
     tile_w = _ann_int(sch, block, TILE_W)
     n_vec = _ann_int(sch, block, TILE_VEC)
     lanes = _ann_int(sch, block, LANES)
-    producers = sch.get_producers(block)
+    producers = list(sch.get_producers(block))
     rows_outer = _rows_outer(sch, block, n_vec * lanes)
     write_back = sch.cache_write(block, 0, "local")
     out_block = sch.get_consumers(write_back)[0]
@@ -507,29 +531,40 @@ def schedule_conv_gemm_cpu(
     init = sch.decompose_reduction(block, ri)
     if lanes > 1:
         sch.vectorize(sch.get_loops(init)[-1])
+    in_place = str(sch.get(block).annotations[CONV_GEMM]) == "mec"
     for producer in producers:
-        schedule_lowering_cpu(sch, producer, lanes)
+        if in_place and sch.get(producer).name_hint == "mec_lower":
+            pads = sch.get_producers(producer)
+            sch.compute_inline(producer)  # the GEMM reads L's windows from the padded copy
+            producers.extend(pads)
+        elif sch.get(producer).name_hint == "conv_pad":
+            schedule_padding_cpu(sch, producer)
+        else:
+            schedule_lowering_cpu(sch, producer, lanes)
     schedules.schedule_leftovers(sch, target)
 
 
-def schedule_lowering_cpu(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
-    """The lowering copies channel runs (vectorized) in parallel; its padded input first.
+def schedule_padding_cpu(sch: s_tir.Schedule, pad: s_tir.schedule.SBlockRV) -> None:
+    """``conv_pad`` is a transpose (input columns -> channels): it goes in 8 x 8 tiles, so that
+    both its reads and its writes are whole 32-byte runs."""
+    b, r, col, ch = sch.get_loops(pad)
+    n_col, n_ch = int(sch.get(col).extent), int(sch.get(ch).extent)
+    tq = next((t for t in (8, 4, 2) if n_col % t == 0), 1)
+    tc = next((t for t in (8, 4) if n_ch % t == 0), 1)
+    col_o, col_i = sch.split(col, [None, tq])
+    c_o, c_i = sch.split(ch, [None, tc])
+    sch.reorder(b, r, col_o, c_o, col_i, c_i)
+    sch.parallel(sch.fuse(b, r))
+    sch.unroll(col_i)
+    sch.unroll(c_i)
 
-    ``conv_pad`` is a transpose (input columns -> channels): it goes in 8 x 8 tiles, so that
-    both its reads and its writes are whole 32-byte runs.
-    """
+
+def schedule_lowering_cpu(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
+    """A materialized lowering (MEC buffer, im2col) copies channel runs (vectorized) in
+    parallel; its padded input first."""
     for pad in sch.get_producers(block):
         if sch.get(pad).name_hint == "conv_pad":
-            b, r, col, ch = sch.get_loops(pad)
-            n_col, n_ch = int(sch.get(col).extent), int(sch.get(ch).extent)
-            tq = next((t for t in (8, 4, 2) if n_col % t == 0), 1)
-            tc = next((t for t in (8, 4) if n_ch % t == 0), 1)
-            col_o, col_i = sch.split(col, [None, tq])
-            c_o, c_i = sch.split(ch, [None, tc])
-            sch.reorder(b, r, col_o, c_o, col_i, c_i)
-            sch.parallel(sch.fuse(b, r))
-            sch.unroll(col_i)
-            sch.unroll(c_i)
+            schedule_padding_cpu(sch, pad)
     *outer, ch = sch.get_loops(block)
     n_ch = int(sch.get(ch).extent)
     sch.parallel(sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0])

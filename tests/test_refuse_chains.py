@@ -498,3 +498,33 @@ def test_cross_compiles_for_arm(board: str, tmp_path) -> None:  # noqa: ANN001 -
     path = tmp_path / "chain.so"
     ex.export_library(str(path), fcompile=brd.fcompile())
     assert elf_arch(path) == brd.arch
+
+
+def test_peak_rule_fuses_only_chains_that_hold_the_most_memory() -> None:
+    """A chain whose ops hold less at once than another op of the model stays unfused.
+
+    Hand count (float32): the dense conv 4 -> 128 on 32 x 32 holds its input 4x32x32 and output
+    128x32x32, 16 + 512 KiB; the chain's largest op (its input 128x16x16 -> rank 8) holds
+    128 + 8 KiB. Fusing it would not lower the planned peak, so it stays as separate ops;
+    without the bigger op in front, the same chain is fused.
+    """
+    rng = np.random.default_rng(9)
+    w1, wv = rng.standard_normal((8, 128, 1, 1)), rng.standard_normal((8, 1, 3, 1))
+    wh, w4 = rng.standard_normal((8, 1, 1, 3)), rng.standard_normal((16, 8, 1, 1))
+    dense = rng.standard_normal((128, 4, 3, 3))
+    w1, wv, wh, w4, dense = (a.astype("float32") for a in (w1, wv, wh, w4, dense))
+
+    def chain(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+        t = _conv(bb, x, w1)
+        t = _conv(bb, t, wv, padding=(1, 0, 1, 0), groups=8)
+        return _conv(bb, _conv(bb, t, wh, padding=(0, 1, 0, 1), groups=8), w4)
+
+    def with_dense(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        y = _conv(bb, x, dense, padding=(1, 1, 1, 1))
+        return chain(bb, bb.emit(relax.op.nn.max_pool2d(y, (2, 2), (2, 2))))
+
+    mod = _module((1, 4, 32, 32), with_dense)
+    tvm.ir.assert_structural_equal(RefuseChains(HOST)(mod), mod)
+    assert len(fused_prims(RefuseChains(HOST, always=True)(mod))) == 1
+    alone = _module((1, 128, 16, 16), chain)
+    assert len(fused_prims(RefuseChains(HOST)(alone))) == 1

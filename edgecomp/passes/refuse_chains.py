@@ -26,7 +26,11 @@ compute it twice), and no op may belong to two chains.
 
 GPU targets are left unfused: :class:`~edgecomp.kernels.fused_chain.FusedChainRule` has no GPU
 schedule yet. So are CP / Tucker-2 chains the fused kernel is measured to lose on while their
-intermediates are small anyway (:func:`fusing_pays`).
+intermediates are small anyway (:func:`fusing_pays`), and chains whose unfused ops never hold
+as much memory at once as some other op of the model (:func:`footprint`): fusing them would not
+lower the model's planned peak, and the fused kernel pays for its memory saving with the halo
+recompute of its input projection (VGG-19's 28 x 28 chains run at half the speed of the same
+chain as separate ops, bench/fused_vs_unfused.py).
 """
 
 from __future__ import annotations
@@ -388,6 +392,56 @@ def fusing_pays(spec: ChainSpec, lanes: int) -> bool:
     return largest > SMALL_INTERMEDIATE_BYTES
 
 
+def _bytes(expr: relax.Expr) -> int:
+    """Bytes of a statically shaped tensor value (0 for anything else)."""
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return 0
+    try:
+        elements = int(np.prod([int(d) for d in ty.shape.values]))
+    except (TypeError, AttributeError):  # symbolic dimension
+        return 0
+    return elements * tvm.runtime.DataType(str(ty.dtype)).bits // 8
+
+
+def footprint(call: relax.Call, constants: frozenset[relax.Var] = frozenset()) -> int:
+    """Bytes live while ``call`` runs: its tensor inputs that are not constants, and its output.
+
+    ``constants`` are variables bound to values computed from constants only (a weight's
+    transpose). A lower bound of what the planned memory holds at that point (other live
+    tensors come on top), the same for every op, so it ranks them.
+    """
+    inputs = sum(_bytes(a) for a in call.args if isinstance(a, relax.Var) and a not in constants)
+    return inputs + _bytes(call)
+
+
+# Ops whose input and output maps are both live while they run, whatever follows: FuseOps folds
+# elementwise ops (bias, ReLU, dropout ...) into the kernel before them, so those add nothing.
+MAP_OPS = ("relax.nn.conv2d", "relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.matmul")
+
+
+def _peak_floor(func: relax.Function, chains: dict[relax.Call, _Chain]) -> int:
+    """The largest :func:`footprint` of the :data:`MAP_OPS` calls of ``func`` outside chains."""
+    in_chains = {c for chain in chains.values() for c in chain.calls} | set(chains)
+    constants: set[relax.Var] = set()
+    floor = 0
+    for var, value in relax.analysis.get_var2val(func).items():  # in program order
+        if not isinstance(value, relax.Call):
+            continue
+        args = [a for a in value.args if isinstance(a, (relax.Var, Constant))]
+        if args and all(isinstance(a, Constant) or a in constants for a in args):
+            constants.add(var)
+        elif value not in in_chains and getattr(value.op, "name", "") in MAP_OPS:
+            floor = max(floor, footprint(value, frozenset(constants)))
+    return floor
+
+
+def lowers_peak(chain: _Chain, floor: int) -> bool:
+    """Whether fusing ``chain`` can lower the planned peak: one of its ops, run separately,
+    holds more than ``floor`` bytes at once (its input and output intermediate maps)."""
+    return max(footprint(c) for c in chain.calls) > floor
+
+
 @mutator
 class _Refuser(PyExprMutator):  # type: ignore[misc]
     def __init__(
@@ -426,8 +480,8 @@ class RefuseChains:
         The compilation target (default: the current one). Its ``num-cores`` sets how many
         tiles run at once, which the tile choice balances; GPU targets are left unfused.
     always : bool
-        Fuse every chain found, also those :func:`fusing_pays` would leave unfused (to measure
-        or test the fused kernel on them).
+        Fuse every chain found, also those :func:`fusing_pays` or :func:`lowers_peak` would
+        leave unfused (to measure or test the fused kernel on them).
     """
 
     def __init__(self, target: Target | None = None, always: bool = False) -> None:
@@ -453,10 +507,12 @@ class RefuseChains:
         for gvar, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function):
                 continue
+            found = _find_chains(func)
+            floor = _peak_floor(func, found)
             chains = {
                 root: chain
-                for root, chain in _find_chains(func).items()
-                if self.always or fusing_pays(chain.spec, lanes)
+                for root, chain in found.items()
+                if self.always or (fusing_pays(chain.spec, lanes) and lowers_peak(chain, floor))
             }
             if not chains:
                 continue

@@ -6,6 +6,11 @@ Stock TVM leaves its loops unscheduled (VGG-19 takes tens of seconds per run), s
 per model (its first run, cold); ``--skip-stock`` leaves it out. edgecomp and ORT are timed
 best-of-N, interleaved run by run. Outputs of edgecomp are checked against ORT.
 
+With ``--cp R`` (default 3) the model is also CP-decomposed to R times fewer conv multiply-adds
+and built three ways (``edgecomp compile --refuse``): ``auto``, the default (chains fused where
+that lowers the planned peak), ``all`` (every chain fused) and ``none`` (every chain as separate
+ops); each with its planned peak memory (``edgecomp.report``).
+
 Run:  PYTHONPATH=. .venv/bin/python bench/end_to_end.py
 Timings on a shared 2-core machine are noisy: read the ratios of one run, not absolute ms.
 """
@@ -31,6 +36,7 @@ from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 from edgecomp.models import light_model  # noqa: E402
 from edgecomp.passes.decompose_conv import decompose_conv  # noqa: E402
 from edgecomp.pipeline import lower  # noqa: E402
+from edgecomp.report import memory_report  # noqa: E402
 from edgecomp.targets import load_board  # noqa: E402
 
 
@@ -123,23 +129,27 @@ def main() -> None:
             "edgecomp": functools.partial(vm["main"], data),
         }
         cp_ratio = float("nan")
+        peaks: dict[str, float] = {}
         if args.cp:
             start = time.perf_counter()
             cp_mod, cp_ratio = decompose_to(mod, "cp", args.cp)
-            cp_vm = relax.VirtualMachine(
-                tvm.compile(lower(cp_mod, target), target=target), tvm.cpu()
-            )
             print(
                 f"{name}: CP, {cp_ratio:.2f}x fewer conv MACs, {time.perf_counter() - start:.0f} s"
             )
-            runs["cp"] = functools.partial(cp_vm["main"], data)
-            apart = tvm.compile(lower(cp_mod, target, refuse=False), target=target)
-            apart_vm = relax.VirtualMachine(apart, tvm.cpu())
-            runs["cp_apart"] = functools.partial(apart_vm["main"], data)
+            variants = {
+                "cp": lower(cp_mod, target),
+                "cp_fused": lower(cp_mod, target, refuse="all"),
+                "cp_apart": lower(cp_mod, target, refuse="none"),
+            }
+            for key, low in variants.items():
+                after = memory_report(cp_mod, target, after=low)["variants"]["after"]
+                peaks[key] = after["planned_peak_bytes"] / 2**20
+                vm_cp = relax.VirtualMachine(tvm.compile(low, target=target), tvm.cpu())
+                runs[key] = functools.partial(vm_cp["main"], data)
         best = best_of(runs, args.repeat)
         nan = float("nan")
         t_ort, t_ec, t_cp = best["ort"], best["edgecomp"], best.get("cp", nan)
-        t_apart = best.get("cp_apart", nan)
+        t_apart, t_fused = best.get("cp_apart", nan), best.get("cp_fused", nan)
 
         t_stock = float("nan")
         if not args.skip_stock:
@@ -148,7 +158,7 @@ def main() -> None:
             start = time.perf_counter()
             stock_vm["main"](data)  # once: unscheduled VGG-19 takes tens of seconds
             t_stock = time.perf_counter() - start
-        rows.append((name, t_ec, t_ort, t_stock, t_cp, cp_ratio, t_apart))
+        rows.append((name, t_ec, t_ort, t_stock, t_cp, cp_ratio, t_fused, t_apart, peaks))
         print(
             f"{name}: edgecomp {t_ec * 1e3:.1f} ms (build {build_s:.1f} s, max |err| vs ORT "
             f"{err:.1e}, allclose {ok}), ORT {t_ort * 1e3:.1f} ms, stock TVM "
@@ -159,15 +169,17 @@ def main() -> None:
     print()
     print(
         "| model | edgecomp ms | ORT ms | stock TVM ms | edgecomp / ORT | stock / edgecomp "
-        "| CP ms, fused (conv MACs down) | CP fused / ORT | CP ms, --no-refuse "
-        "| CP no-refuse / ORT |"
+        "| CP (conv MACs down) | CP ms, --refuse auto | / ORT | CP ms, all | / ORT "
+        "| CP ms, none | / ORT | CP planned peak MiB: auto, all, none |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, t_ec, t_ort, t_stock, t_cp, cp_ratio, t_apart in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, t_ec, t_ort, t_stock, t_cp, cp_ratio, t_fused, t_apart, peaks in rows:
+        peak = ", ".join(f"{peaks[k]:.1f}" for k in ("cp", "cp_fused", "cp_apart") if k in peaks)
         print(
             f"| {name} | {t_ec * 1e3:.1f} | {t_ort * 1e3:.1f} | {t_stock * 1e3:.0f} "
-            f"| {t_ec / t_ort:.2f} | {t_stock / t_ec:.1f} | {t_cp * 1e3:.1f} ({cp_ratio:.2f}x) "
-            f"| {t_cp / t_ort:.2f} | {t_apart * 1e3:.1f} | {t_apart / t_ort:.2f} |"
+            f"| {t_ec / t_ort:.2f} | {t_stock / t_ec:.1f} | {cp_ratio:.2f}x | {t_cp * 1e3:.1f} "
+            f"| {t_cp / t_ort:.2f} | {t_fused * 1e3:.1f} | {t_fused / t_ort:.2f} "
+            f"| {t_apart * 1e3:.1f} | {t_apart / t_ort:.2f} | {peak} |"
         )
 
 

@@ -100,7 +100,7 @@ def cp_chain_module(
 
 def build_unfused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
     """The chain as separate ops, with edgecomp's conv kernels (MEC / depthwise)."""
-    return tvm.compile(lower(mod, target, refuse=False), target=target)
+    return tvm.compile(lower(mod, target, refuse="none"), target=target)
 
 
 def build_fused(

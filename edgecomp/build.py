@@ -21,12 +21,14 @@ from edgecomp.targets import Board, load_board
 
 @dataclass(frozen=True)
 class DecomposeOptions:
-    """What ``--decompose``, ``--rank-policy``, ``--calib`` and ``--no-refuse`` asked for."""
+    """What ``--decompose``, ``--rank-policy``, ``--calib`` and ``--refuse`` asked for."""
 
     method: str
     policy: str
     calib: np.ndarray | None = None
-    refuse: bool = True  # fuse each factor chain into one kernel (T1000); False: separate ops
+    # Fuse factor chains into one kernel each (T1000): "auto" where that lowers the planned
+    # peak, "all", or "none" (separate ops); see edgecomp.pipeline.lower.
+    refuse: str = "auto"
 
     def to_json(self) -> dict[str, Any]:
         """The options as recorded in the manifest."""
@@ -102,7 +104,7 @@ def compile_model(
     from edgecomp.report import REPORT_FILE, memory_report
 
     with step(f"building for {board.name}"):
-        refuse = decompose is None or decompose.refuse
+        refuse = decompose.refuse if decompose is not None else "auto"
         lowered = lower(mod, board.tvm_target(), refuse=refuse)
         executable = build(mod, board, lowered)
     extra = {}

@@ -27,10 +27,10 @@ def _decompose_options(args: argparse.Namespace):  # noqa: ANN202 - DecomposeOpt
     from edgecomp.build import DecomposeOptions
 
     if args.decompose is None:
-        no_refuse = getattr(args, "no_refuse", False)
-        if args.rank_policy is not None or args.calib is not None or no_refuse:
+        refuse = getattr(args, "refuse", None)
+        if args.rank_policy is not None or args.calib is not None or refuse is not None:
             raise EdgecompError(
-                "--rank-policy, --calib and --no-refuse need --decompose {cp,tucker,kronecker}"
+                "--rank-policy, --calib and --refuse need --decompose {cp,tucker,kronecker}"
             )
         return None
     calib = None
@@ -45,7 +45,7 @@ def _decompose_options(args: argparse.Namespace):  # noqa: ANN202 - DecomposeOpt
         args.decompose,
         args.rank_policy or "flops=2x",
         calib,
-        refuse=not getattr(args, "no_refuse", False),
+        refuse=getattr(args, "refuse", None) or "auto",
     )
 
 
@@ -307,10 +307,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_decompose(p)
     p.add_argument(
-        "--no-refuse",
-        action="store_true",
-        help="with --decompose: keep each factor chain as separate ops (full-size"
-        " intermediates) instead of one fused kernel; faster today on x86 for most layers",
+        "--refuse",
+        choices=["auto", "all", "none"],  # refuse_chains.REFUSE_MODES (importing it loads TVM)
+        help="with --decompose: fuse each factor chain into one kernel where that lowers the"
+        " model's planned peak memory (auto, the default), every chain (all: the least memory,"
+        " slower where the fused kernel recomputes its halo), or none (separate ops)",
     )
 
     p = sub(

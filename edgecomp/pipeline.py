@@ -27,18 +27,21 @@ from tvm.s_tir import dlight
 from edgecomp.errors import EdgecompError
 from edgecomp.kernels import default_rules
 from edgecomp.kernels.mec_conv import CONV_KINDS, conv_legalizer
-from edgecomp.passes.refuse_chains import RefuseChains
+from edgecomp.passes.refuse_chains import REFUSE_MODES, RefuseChains
 
 DUMP_ENV = "EDGECOMP_DUMP_IR"
 
 
-def graph_passes(target: tvm.target.Target, refuse: bool = True) -> list[tvm.transform.Pass]:
+def graph_passes(target: tvm.target.Target, refuse: str = "auto") -> list[tvm.transform.Pass]:
     """edgecomp's own Relax graph passes, run before legalization (phase 1).
 
     Decomposition (``DecomposeConv``) runs before ``lower`` because it takes the user's rank
-    policy; here, re-fusion turns each factor chain it produced into one kernel (T1000).
+    policy; here, re-fusion turns factor chains it produced into one kernel each (T1000):
+    where that lowers the planned peak (``refuse="auto"``), every chain (``"all"``), or none.
     """
-    return [RefuseChains(target)] if refuse else []
+    if refuse == "none":
+        return []
+    return [RefuseChains(target, always=refuse == "all")]
 
 
 def lower(
@@ -46,7 +49,7 @@ def lower(
     target: tvm.target.Target,
     *,
     conv: str = "mec",
-    refuse: bool = True,
+    refuse: str = "auto",
     dump_dir: str | os.PathLike[str] | None = None,
 ) -> tvm.IRModule:
     """Turn an imported Relax module (weights as constants) into one ready for ``tvm.compile``.
@@ -62,8 +65,10 @@ def lower(
         Convolution lowering: MEC reading its lowered matrix in place from the padded input
         (default), MEC with the lowered buffer materialized, or im2col; the last two exist to
         measure the first against.
-    refuse : bool
-        Re-fuse decomposed factor chains into one kernel each (phase 1).
+    refuse : {"auto", "all", "none"}
+        Re-fuse decomposed factor chains into one kernel each (phase 1): those whose fusing
+        can lower the planned peak (default; see :class:`RefuseChains`), all of them (the
+        least memory), or none (every chain as separate ops).
     dump_dir : path, optional
         Write the module's script after each phase here (default: ``$EDGECOMP_DUMP_IR``).
 
@@ -72,6 +77,10 @@ def lower(
     tvm.IRModule
         Module whose prim funcs are all scheduled; build it with ``tvm.compile(mod, target)``.
     """
+    if refuse not in REFUSE_MODES:
+        raise EdgecompError(
+            f"unknown re-fusion mode {refuse!r}; use one of {', '.join(REFUSE_MODES)}"
+        )
     if conv not in CONV_KINDS:
         raise EdgecompError(
             f"unknown convolution lowering {conv!r}; use one of {', '.join(CONV_KINDS)}"

@@ -2,7 +2,7 @@
 
 The report compares two lowerings of the same imported (possibly decomposed) Relax module:
 
-- ``before``: :func:`edgecomp.pipeline.lower` with ``conv="im2col", refuse=False``: factor chains
+- ``before``: :func:`edgecomp.pipeline.lower` with ``conv="im2col", refuse="none"``: factor chains
   run as separate ops, convolutions lowered through im2col;
 - ``after``: ``lower(mod, target)``: chains re-fused into one tiled kernel (T1000), MEC.
 
@@ -423,7 +423,7 @@ def memory_report(
 
     started = time.perf_counter()
     lowered = {
-        "before": lower(mod, target, conv="im2col", refuse=False),
+        "before": lower(mod, target, conv="im2col", refuse="none"),
         "after": after if after is not None else lower(mod, target),
     }
     layers = model_layers(mod, target)

@@ -332,7 +332,7 @@ def test_decomposed_model_runs_on_the_emulated_rasp4b(emulated_rasp4b, tmp_path)
     np.testing.assert_allclose(remote.run(x)[0], load_local(host).run(x)[0], rtol=1e-4, atol=1e-4)
 
 
-def test_no_refuse_keeps_the_chain_as_separate_ops(tmp_path):
+def test_refuse_none_keeps_the_chain_as_separate_ops(tmp_path):
     import json
 
     path = tmp_path / "conv.onnx"
@@ -341,7 +341,7 @@ def test_no_refuse_keeps_the_chain_as_separate_ops(tmp_path):
         path, "host", tmp_path / "f", decompose=DecomposeOptions("cp", "flops=2x")
     )
     apart = compile_model(
-        path, "host", tmp_path / "u", decompose=DecomposeOptions("cp", "flops=2x", refuse=False)
+        path, "host", tmp_path / "u", decompose=DecomposeOptions("cp", "flops=2x", refuse="none")
     )
 
     def kernels(package) -> list[str]:  # noqa: ANN001
@@ -350,7 +350,8 @@ def test_no_refuse_keeps_the_chain_as_separate_ops(tmp_path):
 
     assert "fused_cp_chain" in kernels(fused)
     assert "fused_cp_chain" not in kernels(apart) and len(kernels(apart)) >= 4
-    assert apart.manifest["options"]["refuse"] is False
+    assert apart.manifest["options"]["refuse"] == "none"
+    assert fused.manifest["options"]["refuse"] == "auto"
     x = np.random.default_rng(7).standard_normal((1, 32, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(
         load_local(apart).run([x])[0], load_local(fused).run([x])[0], rtol=1e-4, atol=1e-4
@@ -361,7 +362,7 @@ def test_decomposition_flags_need_decompose(tmp_path):
     path = tmp_path / "conv.onnx"
     onnx.save(conv_model(), str(path))
     result = edgecomp(
-        "compile", str(path), "--target", "host", "-o", str(tmp_path / "p"), "--no-refuse"
+        "compile", str(path), "--target", "host", "-o", str(tmp_path / "p"), "--refuse", "all"
     )
-    assert_clean_error(result, "--no-refuse need --decompose {cp,tucker,kronecker}")
+    assert_clean_error(result, "--refuse need --decompose {cp,tucker,kronecker}")
     assert not (tmp_path / "p").exists()

@@ -21,9 +21,11 @@ import tvm
 from tvm import relax
 from tvm.s_tir import dlight
 
+from edgecomp.errors import EdgecompError
 from edgecomp.kernels import fused_chain as fc
 from edgecomp.passes import refuse_chains
-from edgecomp.passes.refuse_chains import RefuseChains, fusing_pays
+from edgecomp.passes.refuse_chains import REFUSE_MODES, RefuseChains, fusing_pays
+from edgecomp.pipeline import lower
 from edgecomp.targets import elf_arch, load_board
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
@@ -528,3 +530,8 @@ def test_peak_rule_fuses_only_chains_that_hold_the_most_memory() -> None:
     assert len(fused_prims(RefuseChains(HOST, always=True)(mod))) == 1
     alone = _module((1, 128, 16, 16), chain)
     assert len(fused_prims(RefuseChains(HOST)(alone))) == 1
+    # The pipeline's modes: auto (this rule), all, none.
+    assert [len(fused_prims(lower(mod, HOST, refuse=m))) for m in REFUSE_MODES] == [0, 1, 0]
+    assert len(fused_prims(lower(alone, HOST, refuse="none"))) == 0
+    with pytest.raises(EdgecompError, match="unknown re-fusion mode 'some'; use one of auto"):
+        lower(mod, HOST, refuse="some")

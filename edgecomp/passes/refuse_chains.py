@@ -58,6 +58,10 @@ from edgecomp.kernels.fused_chain import (
 )
 from edgecomp.kernels.target_info import cpu_info, is_gpu, num_cores
 
+# What ``lower(refuse=...)`` and ``edgecomp compile --refuse`` take: fuse the chains whose fusing
+# can lower the planned peak, every chain, or none.
+REFUSE_MODES = ("auto", "all", "none")
+
 
 def _conv(data: DFPattern) -> DFPattern:
     return is_op("relax.nn.conv2d")(data, is_const())

@@ -72,7 +72,8 @@ def choose_tiles(
     The micro-kernel keeps ``tile_w x (n_vec * lanes)`` outputs in ``tile_w * n_vec`` vector
     registers, loads ``n_vec`` weight vectors and broadcasts ``tile_w`` inputs per step.
     The cost model counts, per useful multiply-add, the cycles of one step on a core with two
-    FMA and two load ports (FMA latency 4 wants 8-10 independent accumulators), times the
+    FMA pipes and ``info.load_ports`` load ports (FMA latency 4 wants 8-10 independent
+    accumulators), times the
     padding waste of rounding ``out_w`` up to a multiple of ``tile_w`` and the channels of a
     group up to a multiple of ``n_vec * lanes`` (decomposed layers have ranks like 50 or 17:
     padding them with zero weights keeps the kernel vectorized). Panels whose weights
@@ -94,7 +95,7 @@ def choose_tiles(
         for tile_w in range(1, 17):
             if tile_w * n_vec + n_vec + 1 > info.registers:
                 continue
-            step = max(tile_w * n_vec, tile_w + n_vec, 10) / 2.0
+            step = max(tile_w * n_vec / 2.0, (tile_w + n_vec) / info.load_ports, 5.0)
             waste = math.ceil(out_w / tile_w) * tile_w / out_w * waste_k
             cost = step / (tile_w * n_vec) * waste
             # Ties go to more accumulators (32-register files), then to fewer loads per FMA:

@@ -24,11 +24,15 @@ class CpuInfo:
     panel_bytes : int
         Budget for one weight panel of a GEMM (``reduction x panel width`` floats), which is
         re-read for every register tile and must stay in the core's L2 next to the input rows.
+    load_ports : int
+        Vector loads per cycle: 2 on x86 cores since Haswell, 1 on Cortex-A72 / A53 (one load
+        pipe), where a register tile must broadcast fewer inputs per multiply-add.
     """
 
     lanes: int
     registers: int
     panel_bytes: int = 384 * 1024
+    load_ports: int = 2
 
 
 def is_gpu(target: Target) -> bool:
@@ -52,9 +56,9 @@ def cpu_info(target: Target | None) -> CpuInfo:
     mattr = " ".join(str(a) for a in (target.attrs.get("mattr", None) or []))
     # L2 per core: Cortex-A72 1 MiB shared by 4, A53 512 KiB shared; AVX-512 parts >= 1 MiB.
     if triple.startswith(("aarch64", "arm64")):
-        return CpuInfo(lanes=4, registers=32, panel_bytes=192 * 1024)
+        return CpuInfo(lanes=4, registers=32, panel_bytes=192 * 1024, load_ports=1)
     if triple.startswith(("arm", "thumb")):
-        return CpuInfo(lanes=4, registers=16, panel_bytes=96 * 1024)
+        return CpuInfo(lanes=4, registers=16, panel_bytes=96 * 1024, load_ports=1)
     if "+avx512f" in mattr or (mcpu and _llvm_has_feature("avx512f", target)):
         return CpuInfo(lanes=16, registers=32, panel_bytes=640 * 1024)
     return CpuInfo(lanes=8, registers=16)

@@ -58,6 +58,7 @@ from edgecomp.errors import EdgecompError
 from edgecomp.kernels.fused_chain import ATTR_KIND, allocated_buffers
 from edgecomp.kernels.mec_conv import CONV_GEMM, DEPTHWISE
 from edgecomp.kernels.target_info import num_cores
+from edgecomp.passes.refuse_chains import tensor_bytes
 
 REPORT_FILE = "report.json"
 REPORT_VERSION = 1
@@ -153,14 +154,6 @@ def kernel_workspace(func: tirx.PrimFunc, threads: int) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- main's calls
-def _tensor_bytes(ty: object) -> int:
-    if isinstance(ty, relax.TensorType) and ty.shape is not None:
-        return math.prod(int(d) for d in ty.shape.values) * _dtype_bytes(str(ty.dtype))
-    if isinstance(ty, relax.TupleType):
-        return sum(_tensor_bytes(f) for f in ty.fields)
-    return 0
-
-
 def _plan(lowered: tvm.IRModule, target: Target) -> tvm.IRModule:
     """``lowered`` after the dataflow lowering and memory planning ``tvm.compile`` runs."""
     with target:
@@ -246,7 +239,7 @@ def _kernel_rows(
             continue
         if op == "relax.memory.alloc_tensor":
             storage = value.args[0]
-            alloc_bytes[binding.var] = _tensor_bytes(binding.var.ty)
+            alloc_bytes[binding.var] = tensor_bytes(binding.var.ty)
             root[binding.var] = binding.var
             made_from[binding.var] = storage
             unwritten.add(binding.var)

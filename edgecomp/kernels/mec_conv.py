@@ -73,13 +73,12 @@ def choose_tiles(
     registers, loads ``n_vec`` weight vectors and broadcasts ``tile_w`` inputs per step.
     The cost model counts, per useful multiply-add, the cycles of one step on a core with two
     FMA pipes and ``info.load_ports`` load ports (FMA latency 4 wants 8-10 independent
-    accumulators), times the
-    padding waste of rounding ``out_w`` up to a multiple of ``tile_w`` and the channels of a
-    group up to a multiple of ``n_vec * lanes`` (decomposed layers have ranks like 50 or 17:
-    padding them with zero weights keeps the kernel vectorized). Panels whose weights
-    (``reduction`` floats per column) would not fit ``info.panel_bytes`` are left out while a
-    narrower one fits: they are re-read for every tile (VGG-19 conv5 on AVX-512: 64-wide
-    panels 370 GFLOP/s, 32-wide 480).
+    accumulators), times the padding waste of rounding ``out_w`` up to a multiple of
+    ``tile_w`` and the channels of a group up to a multiple of ``n_vec * lanes`` (decomposed
+    layers have ranks like 50 or 17: padding them with zero weights keeps the kernel
+    vectorized). Panels whose weights (``reduction`` floats per column) would not fit
+    ``info.panel_bytes`` are left out while a narrower one fits: they are re-read for every
+    tile (VGG-19 conv5 on AVX-512: 64-wide panels 370 GFLOP/s, 32-wide 480).
     """
     lanes = info.lanes
     while lanes > 1 and lanes // 2 >= k_per_group:

@@ -396,16 +396,17 @@ def fusing_pays(spec: ChainSpec, lanes: int) -> bool:
     return largest > SMALL_INTERMEDIATE_BYTES
 
 
-def _bytes(expr: relax.Expr) -> int:
-    """Bytes of a statically shaped tensor value (0 for anything else)."""
-    ty = expr.ty
+def tensor_bytes(ty: object) -> int:
+    """Bytes of a value of Relax type ``ty``: a static tensor or a tuple of them (else 0)."""
+    if isinstance(ty, relax.TupleType):
+        return sum(tensor_bytes(f) for f in ty.fields)
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
         return 0
     try:
         elements = int(np.prod([int(d) for d in ty.shape.values]))
     except (TypeError, AttributeError):  # symbolic dimension
         return 0
-    return elements * tvm.runtime.DataType(str(ty.dtype)).bits // 8
+    return elements * max(1, tvm.runtime.DataType(str(ty.dtype)).bits // 8)
 
 
 def footprint(call: relax.Call, constants: frozenset[relax.Var] = frozenset()) -> int:
@@ -415,8 +416,10 @@ def footprint(call: relax.Call, constants: frozenset[relax.Var] = frozenset()) -
     transpose). A lower bound of what the planned memory holds at that point (other live
     tensors come on top), the same for every op, so it ranks them.
     """
-    inputs = sum(_bytes(a) for a in call.args if isinstance(a, relax.Var) and a not in constants)
-    return inputs + _bytes(call)
+    inputs = sum(
+        tensor_bytes(a.ty) for a in call.args if isinstance(a, relax.Var) and a not in constants
+    )
+    return inputs + tensor_bytes(call.ty)
 
 
 # Ops whose input and output maps are both live while they run, whatever follows: FuseOps folds

@@ -142,7 +142,8 @@ def main() -> None:
                 "cp_apart": lower(cp_mod, target, refuse="none"),
             }
             for key, low in variants.items():
-                after = memory_report(cp_mod, target, after=low)["variants"]["after"]
+                mode = {"cp": "auto", "cp_fused": "all", "cp_apart": "none"}[key]
+                after = memory_report(cp_mod, target, low, mode)["variants"]["after"]
                 peaks[key] = after["planned_peak_bytes"] / 2**20
                 vm_cp = relax.VirtualMachine(tvm.compile(low, target=target), tvm.cpu())
                 runs[key] = functools.partial(vm_cp["main"], data)

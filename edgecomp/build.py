@@ -15,7 +15,8 @@ from edgecomp.errors import EdgecompError
 from edgecomp.frontend import import_onnx
 from edgecomp.models import load_onnx
 from edgecomp.package import Package, write_package
-from edgecomp.progress import step
+from edgecomp.passes.refuse_chains import count_chains, fused_chain_calls
+from edgecomp.progress import console, step
 from edgecomp.targets import Board, load_board
 
 
@@ -107,10 +108,18 @@ def compile_model(
         refuse = decompose.refuse if decompose is not None else "auto"
         lowered = lower(mod, board.tvm_target(), refuse=refuse)
         executable = build(mod, board, lowered)
+    if decompose is not None:
+        fused, chains = fused_chain_calls(lowered), count_chains(mod)
+        options["fused_chains"] = {"fused": fused, "chains": chains}
+        console.print(
+            f"re-fusion (--refuse {refuse}): {fused} of {chains} factor chains run as one fused"
+            " kernel each"
+            + (" (those whose fusing lowers the planned peak)" if refuse == "auto" else "")
+        )
     extra = {}
     if not board.is_gpu:  # the memory report counts CPU kernels' buffers
         with step("counting intermediate and workspace memory per layer (report.json)"):
-            report = memory_report(mod, board.tvm_target(), after=lowered)
+            report = memory_report(mod, board.tvm_target(), after=lowered, refuse=refuse)
         extra[REPORT_FILE] = json.dumps(report, indent=1)
     with step(f"linking {Path(outdir) / 'model.so'}"):
         return write_package(

@@ -309,15 +309,16 @@ def _returned_vars(main: relax.Function) -> list[relax.Var]:
 
 
 # ----------------------------------------------------------------------------- layers
-def model_layers(mod: tvm.IRModule, target: Target) -> list[dict[str, Any]]:
-    """The model's layers in program order: ``conv2d`` / ``matmul`` ops and re-fusable chains.
+def model_layers(mod: tvm.IRModule, target: Target, refuse: str = "auto") -> list[dict[str, Any]]:
+    """The model's layers in program order: ``conv2d`` / ``matmul`` ops and re-fused chains.
 
     Chains are what :class:`~edgecomp.passes.refuse_chains.RefuseChains` fuses for ``target``
-    (none on GPU targets); each layer records the kernels it stands for in each lowering.
+    with the re-fusion mode ``refuse`` (none on GPU targets, none for ``"none"``); each layer
+    records the kernels it stands for in each lowering.
     """
-    from edgecomp.passes.refuse_chains import RefuseChains
+    from edgecomp.pipeline import graph_passes
 
-    refused = RefuseChains(target)(mod)
+    refused = tvm.transform.Sequential(graph_passes(target, refuse))(mod)
     layers: list[dict[str, Any]] = []
     for binding in _bindings(refused["main"]):
         value = binding.value
@@ -390,7 +391,7 @@ def _variant(rows: list[dict[str, Any]], totals: dict[str, int], label: str) -> 
 
 
 def memory_report(
-    mod: tvm.IRModule, target: Target, after: tvm.IRModule | None = None
+    mod: tvm.IRModule, target: Target, after: tvm.IRModule | None = None, refuse: str = "auto"
 ) -> dict[str, Any]:
     """Per-layer memory of ``mod`` lowered without and with edgecomp's techniques (JSON-ready).
 
@@ -401,7 +402,10 @@ def memory_report(
     target : Target
         The compilation target (its ``num-cores`` sets the per-thread workspace copies).
     after : tvm.IRModule, optional
-        ``lower(mod, target)`` when the caller already has it (saves lowering twice).
+        ``lower(mod, target, refuse=refuse)`` when the caller already has it (saves lowering
+        twice).
+    refuse : {"auto", "all", "none"}
+        The re-fusion mode of the ``after`` lowering (see :func:`edgecomp.pipeline.lower`).
 
     Returns
     -------
@@ -417,9 +421,9 @@ def memory_report(
     started = time.perf_counter()
     lowered = {
         "before": lower(mod, target, conv="im2col", refuse="none"),
-        "after": after if after is not None else lower(mod, target),
+        "after": after if after is not None else lower(mod, target, refuse=refuse),
     }
-    layers = model_layers(mod, target)
+    layers = model_layers(mod, target, refuse)
     variants = {}
     grouped = True
     for key, low in lowered.items():

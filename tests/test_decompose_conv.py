@@ -352,6 +352,8 @@ def test_refuse_none_keeps_the_chain_as_separate_ops(tmp_path):
     assert "fused_cp_chain" not in kernels(apart) and len(kernels(apart)) >= 4
     assert apart.manifest["options"]["refuse"] == "none"
     assert fused.manifest["options"]["refuse"] == "auto"
+    assert apart.manifest["options"]["fused_chains"] == {"fused": 0, "chains": 1}
+    assert fused.manifest["options"]["fused_chains"] == {"fused": 1, "chains": 1}
     x = np.random.default_rng(7).standard_normal((1, 32, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(
         load_local(apart).run([x])[0], load_local(fused).run([x])[0], rtol=1e-4, atol=1e-4

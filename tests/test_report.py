@@ -227,3 +227,24 @@ def test_times_over_rpc_cover_every_kernel(package, rpc_server) -> None:  # noqa
     kernels = [row["kernel"] for row in rp.load_report(package)["variants"]["after"]["kernels"]]
     assert sorted(times) == sorted(kernels)
     assert all(ms > 0 for ms in times.values())
+
+
+@pytest.mark.parametrize("refuse, chains", [("auto", 1), ("all", 1), ("none", 0)])
+def test_layers_follow_the_refuse_mode(refuse: str, chains: int) -> None:
+    """The report's layers are the chains the after-lowering fused: kernels map onto them."""
+    rng = np.random.default_rng(3)
+    shapes = [(8, 16, 1, 1), (8, 1, 3, 1), (8, 1, 1, 3), (16, 8, 1, 1)]
+    ws = [rng.standard_normal(s).astype("float32") for s in shapes]
+    mod = _module(
+        (1, 16, 16, 16),
+        [
+            _conv(ws[0]),
+            _conv(ws[1], padding=(1, 0, 1, 0), groups=8),
+            _conv(ws[2], padding=(0, 1, 0, 1), groups=8),
+            _conv(ws[3]),
+        ],
+    )
+    report = rp.memory_report(mod, HOST, refuse=refuse)
+    kinds = [layer["kind"] for layer in report["layers"]]
+    assert kinds.count("chain:cp") == chains and len(kinds) == 1 + 3 * (1 - chains)
+    assert report["layers_matched"]

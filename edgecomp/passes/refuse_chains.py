@@ -47,6 +47,7 @@ from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visito
 from tvm.target import Target
 
 from edgecomp.kernels.fused_chain import (
+    ATTR_KIND,
     TILE_BUDGET_BYTES,
     ChainSpec,
     ConvGeometry,
@@ -475,6 +476,26 @@ class _Refuser(PyExprMutator):  # type: ignore[misc]
         bias = relax.const(chain.bias) if chain.bias is not None else None
         data = self.visit_expr(chain.data)
         return emit_fused_chain(self.builder_, spec, data, weights, bias, rows, rank_block)
+
+
+def count_chains(mod: IRModule) -> int:
+    """How many factor chains the Relax functions of ``mod`` hold (fused or not)."""
+    return sum(
+        len(_find_chains(f)) for _, f in mod.functions_items() if isinstance(f, relax.Function)
+    )
+
+
+def fused_chain_calls(mod: IRModule) -> int:
+    """How many calls of ``mod``'s Relax functions go to a fused-chain kernel."""
+    calls = 0
+    for _, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        for value in relax.analysis.get_var2val(func).values():
+            if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.call_tir"):
+                callee = mod[value.args[0]]
+                calls += bool(callee.attrs and ATTR_KIND in callee.attrs)
+    return calls
 
 
 @tvm.transform.module_pass(opt_level=0, name="RefuseChains")

@@ -322,13 +322,13 @@ def test_one_call_tir_replaces_the_chain_and_other_convs_stay() -> None:
     mod = _cp_after_dense(rng, dense_w)
     assert ops_of(mod).count("relax.nn.conv2d") == 5
     after_mod = RefuseChains(HOST, always=True)(mod)
-    # The kernel writes [N, K, Ho*Wo]; the reshape to NCHW is a view once built.
+    # The kernel writes [N, K, Ho*Wo], bias and ReLU included; the reshape to NCHW is a view
+    # once built.
     assert ops_of(after_mod) == [
         "relax.nn.conv2d",
         "relax.nn.relu",
         "relax.call_tir",
         "relax.reshape",
-        "relax.nn.relu",
     ]
     # The dense conv is the very same call, weight and attributes included.
     first_conv = after_mod["main"].body.blocks[0].bindings[0].value
@@ -535,3 +535,39 @@ def test_peak_rule_fuses_only_chains_that_hold_the_most_memory() -> None:
     assert len(fused_prims(lower(alone, HOST, refuse="none"))) == 0
     with pytest.raises(EdgecompError, match="unknown re-fusion mode 'some'; use one of auto"):
         lower(mod, HOST, refuse="some")
+
+
+@pytest.mark.parametrize("kind", ["cp", "tucker2"])
+def test_relu_after_the_bias_is_folded_in(kind: str) -> None:
+    """Chain + bias + ReLU: one kernel writes the rectified output (no ReLU kernel after it)."""
+    rng = np.random.default_rng(11)
+    r, k = 6, 8
+    if kind == "cp":
+        shapes = [(r, 8, 1, 1), (r, 1, 3, 1), (r, 1, 1, 3), (k, r, 1, 1)]
+        extra = [{}, dict(padding=(1, 0, 1, 0), groups=r), dict(padding=(0, 1, 0, 1), groups=r), {}]
+    else:
+        shapes = [(r, 8, 1, 1), (r, r, 3, 3), (k, r, 1, 1)]
+        extra = [{}, dict(padding=(1, 1, 1, 1)), {}]
+    ws = [rng.standard_normal(sh).astype("float32") for sh in shapes]
+    bias = rng.standard_normal((1, k, 1, 1)).astype("float32")
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        t: relax.Expr = x
+        for w, kw in zip(ws, extra, strict=True):
+            t = _conv(bb, t, w, **kw)
+        return relax.op.nn.relu(bb.emit(relax.op.add(t, relax.const(bias))))
+
+    def ref(x: np.ndarray) -> np.ndarray:
+        t = x
+        for w, kw in zip(ws, extra, strict=True):
+            t = np_conv2d(t, w, **kw)  # type: ignore[arg-type]
+        return np.maximum(t + bias, 0)
+
+    mod = _module((1, 8, 12, 12), body)
+    fused = refuse(mod)
+    assert ops_of(fused) == ["relax.call_tir", "relax.reshape"]
+    (prim,) = fused_prims(fused)
+    assert prim.attrs[fc.ATTR_KIND] == kind and "T.max(" in prim.script()
+    x = rng.standard_normal((1, 8, 12, 12)).astype("float32")
+    want = ref(x)
+    np.testing.assert_allclose(run(fused, x), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

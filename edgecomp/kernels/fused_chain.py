@@ -95,6 +95,9 @@ class ChainSpec:
         Stride, padding and dilation of the dense convolution.
     bias : bool
         Whether a bias add follows (and is folded into the kernel).
+    relu : bool
+        Whether a ReLU follows the bias add (CP, Tucker-2; folded into the kernel too, so the
+        chain's output is written once, already rectified).
     """
 
     kind: str
@@ -104,6 +107,7 @@ class ChainSpec:
     ranks: tuple[int, ...]
     geom: ConvGeometry
     bias: bool
+    relu: bool = False
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -478,8 +482,10 @@ def _window_tap(
     return tirx.if_then_else(inside, t1[b, yt, ch, offset * w + col], tirx.const(0.0, "float32"))
 
 
-def _proj_out(mid: te.Tensor, w_out: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
-    """The output 1x1 projection R -> K (+ bias), written as ``[N, K, Ho*Wo]``.
+def _proj_out(
+    mid: te.Tensor, w_out: te.Tensor, bias: te.Tensor | None, relu: bool = False
+) -> te.Tensor:
+    """The output 1x1 projection R -> K (+ bias, + ReLU), written as ``[N, K, Ho*Wo]``.
 
     ``mid`` is ``[N, tiles, R, rows, Wo]``; a tile's ``rows * Wo`` output pixels are contiguous in
     the flat output, so the projection vectorizes along them like :func:`_proj_in`.
@@ -496,7 +502,12 @@ def _proj_out(mid: te.Tensor, w_out: te.Tensor, bias: te.Tensor | None) -> te.Te
     )
     if bias is None:
         return acc
-    return te.compute((n, k, tiles * tp), lambda b, kk, p: acc[b, kk, p] + bias[kk], name=BIAS)
+
+    def biased(b: tirx.PrimExpr, kk: tirx.PrimExpr, p: tirx.PrimExpr) -> tirx.PrimExpr:
+        value = acc[b, kk, p] + bias[kk]
+        return tirx.max(value, tirx.const(0.0, "float32")) if relu else value
+
+    return te.compute((n, k, tiles * tp), biased, name=BIAS)
 
 
 def cp_te(
@@ -530,7 +541,7 @@ def cp_te(
         return te.sum(tap * (w_v[ch, 0, ri, 0] * w_h[ch, 0, 0, rj]), axis=[ri, rj])
 
     mid = te.compute((n, ho // rows, r, rows, wo), depthwise, name=MID[0])
-    return _proj_out(mid, w_out, bias)
+    return _proj_out(mid, w_out, bias, spec.relu)
 
 
 def tucker2_te(
@@ -564,7 +575,7 @@ def tucker2_te(
         return te.sum(tap * w_core[ch, rc, ri, rj], axis=[rc, ri, rj])
 
     mid = te.compute((n, ho // rows, r4, rows, wo), core, name=MID[1])
-    return _proj_out(mid, w_out, bias)
+    return _proj_out(mid, w_out, bias, spec.relu)
 
 
 def gkpd_te(

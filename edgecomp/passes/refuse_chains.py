@@ -21,8 +21,8 @@ Chains recognised, exactly (anything else is returned unchanged):
   ``[N, K, Ho, Wo]``.
 
 each optionally followed by ``add(chain, bias)`` with a constant bias of shape ``[1, K, 1, 1]``
-or ``[K, 1, 1]``. Every intermediate of a chain must have no other user (else fusing would
-compute it twice), and no op may belong to two chains.
+or ``[K, 1, 1]``, and that by ``relu`` (CP, Tucker-2). Every intermediate of a chain must have
+no other user (else fusing would compute it twice), and no op may belong to two chains.
 
 GPU targets are left unfused: :class:`~edgecomp.kernels.fused_chain.FusedChainRule` has no GPU
 schedule yet. So are CP / Tucker-2 chains the fused kernel is measured to lose on while their
@@ -330,6 +330,22 @@ class _UseCounter(PyExprVisitor):  # type: ignore[misc]
         self.uses[op] = self.uses.get(op, 0) + 1
 
 
+def _relu_after(
+    call: relax.Call,
+    val2var: dict[relax.Expr, relax.Var],
+    counter: _UseCounter,
+    users: dict[relax.Var, list[relax.Expr]],
+) -> relax.Call | None:
+    """The ReLU that is the only reader of ``call``'s result, if there is one."""
+    var = val2var.get(call)
+    if var is None or counter.uses.get(var, 0) != 1:
+        return None
+    (user,) = users.get(var, [None])
+    if isinstance(user, relax.Call) and user.op == tvm.ir.Op.get("relax.nn.relu"):
+        return user
+    return None
+
+
 def _find_chains(func: relax.Function) -> dict[relax.Call, _Chain]:
     """Chains of ``func`` keyed by the call that ends them (the bias add when one follows)."""
     var2val = relax.analysis.get_var2val(func)
@@ -364,6 +380,10 @@ def _find_chains(func: relax.Function) -> dict[relax.Call, _Chain]:
                     chain.bias = bias
                     chain.spec = replace(chain.spec, bias=True)
                     root = user
+                    relu = _relu_after(root, val2var, counter, users)
+                    if relu is not None and chain.spec.kind != "gkpd":
+                        chain.spec = replace(chain.spec, relu=True)
+                        root = relu
             claimed.update(chain.calls)
             found[root] = chain
             break

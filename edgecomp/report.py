@@ -4,7 +4,8 @@ The report compares two lowerings of the same imported (possibly decomposed) Rel
 
 - ``before``: :func:`edgecomp.pipeline.lower` with ``conv="im2col", refuse="none"``: factor chains
   run as separate ops, convolutions lowered through im2col;
-- ``after``: ``lower(mod, target)``: chains re-fused into one tiled kernel (T1000), MEC.
+- ``after``: ``lower(mod, target, refuse=...)``: chains re-fused into one tiled kernel (T1000)
+  as the ``--refuse`` mode says, MEC.
 
 It is computed at compile time (no build, no device) and stored in the package as
 ``report.json``; ``edgecomp report OUTDIR`` prints it (:func:`format_report`), plots it

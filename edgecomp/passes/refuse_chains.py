@@ -62,6 +62,7 @@ from edgecomp.kernels.target_info import cpu_info, is_gpu, num_cores
 # What ``lower(refuse=...)`` and ``edgecomp compile --refuse`` take: fuse the chains whose fusing
 # can lower the planned peak, every chain, or none.
 REFUSE_MODES = ("auto", "all", "none")
+RELU = tvm.ir.Op.get("relax.nn.relu")
 
 
 def _conv(data: DFPattern) -> DFPattern:
@@ -330,22 +331,6 @@ class _UseCounter(PyExprVisitor):  # type: ignore[misc]
         self.uses[op] = self.uses.get(op, 0) + 1
 
 
-def _relu_after(
-    call: relax.Call,
-    val2var: dict[relax.Expr, relax.Var],
-    counter: _UseCounter,
-    users: dict[relax.Var, list[relax.Expr]],
-) -> relax.Call | None:
-    """The ReLU that is the only reader of ``call``'s result, if there is one."""
-    var = val2var.get(call)
-    if var is None or counter.uses.get(var, 0) != 1:
-        return None
-    (user,) = users.get(var, [None])
-    if isinstance(user, relax.Call) and user.op == tvm.ir.Op.get("relax.nn.relu"):
-        return user
-    return None
-
-
 def _find_chains(func: relax.Function) -> dict[relax.Call, _Chain]:
     """Chains of ``func`` keyed by the call that ends them (the bias add when one follows)."""
     var2val = relax.analysis.get_var2val(func)
@@ -358,6 +343,15 @@ def _find_chains(func: relax.Function) -> dict[relax.Call, _Chain]:
             for arg in value.args:
                 if isinstance(arg, relax.Var):
                     users.setdefault(arg, []).append(value)
+
+    def sole_user(call: relax.Call) -> relax.Call | None:
+        """The call that is the only reader of ``call``'s result (reading it first), if any."""
+        var = val2var.get(call)
+        if var is None or counter.uses.get(var, 0) != 1:
+            return None
+        (user,) = users.get(var, [None])
+        return user if isinstance(user, relax.Call) and user.args[0].same_as(var) else None
+
     claimed: set[relax.Call] = set()
     found: dict[relax.Call, _Chain] = {}
     for value in var2val.values():  # bindings in program order: earlier chains claim first
@@ -372,18 +366,16 @@ def _find_chains(func: relax.Function) -> dict[relax.Call, _Chain]:
             if any(v is None or counter.uses.get(v, 0) != 1 for v in inner):
                 continue  # an intermediate with another reader must stay materialised
             root: relax.Call = chain.calls[-1]
-            out_var = val2var.get(root)
-            if out_var is not None and counter.uses.get(out_var, 0) == 1:
-                (user,) = users.get(out_var, [None])
-                bias = _bias_of(user, chain, var2val) if user is not None else None
-                if bias is not None and user.args[0].same_as(out_var):
-                    chain.bias = bias
-                    chain.spec = replace(chain.spec, bias=True)
-                    root = user
-                    relu = _relu_after(root, val2var, counter, users)
-                    if relu is not None and chain.spec.kind != "gkpd":
-                        chain.spec = replace(chain.spec, relu=True)
-                        root = relu
+            user = sole_user(root)
+            bias = _bias_of(user, chain, var2val) if user is not None else None
+            if user is not None and bias is not None:
+                chain.bias = bias
+                chain.spec = replace(chain.spec, bias=True)
+                root = user
+                relu = sole_user(root)
+                if relu is not None and relu.op == RELU and chain.spec.kind != "gkpd":
+                    chain.spec = replace(chain.spec, relu=True)
+                    root = relu
             claimed.update(chain.calls)
             found[root] = chain
             break

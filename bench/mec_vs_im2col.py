@@ -33,7 +33,7 @@ import tvm  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from edgecomp.kernels.mec_conv import _tiles_for, conv_out_size  # noqa: E402
+from edgecomp.kernels.conv_common import conv_out_size, tiles_for  # noqa: E402
 from edgecomp.kernels.target_info import cpu_info  # noqa: E402
 from edgecomp.pipeline import lower  # noqa: E402
 from edgecomp.targets import load_board  # noqa: E402
@@ -73,7 +73,7 @@ def lowered_bytes(kind: str, c: int, size: int, target: tvm.target.Target, k: in
     size for both); it is not counted here.
     """
     wo = conv_out_size(size, 3, 1, 1, 1, 1)
-    tile_w = _tiles_for(wo, k, target, 9 * c)[0]
+    tile_w = tiles_for(wo, k, target, 9 * c)[0]
     wo_pad = math.ceil(wo / tile_w) * tile_w
     rows = size + 2  # padded input rows the windows touch (3x3, stride 1, pad 1)
     if kind == "mec-buffer":

@@ -160,9 +160,22 @@ def import_onnx(
         raise EdgecompError(
             f"TVM could not import the model: {str(err).strip().splitlines()[-1]}"
         ) from err
-    mod = relax.transform.DecomposeOpsForInference()(mod)
+    mod = inference_graph(mod)
     outputs = _output_specs(mod, [o.name for o in model.graph.output])
     return mod, ModelSignature(tuple(inputs), tuple(outputs))
+
+
+def inference_graph(mod: tvm.IRModule) -> tvm.IRModule:
+    """The imported graph as inference runs it: BatchNormalization folded into the convolution
+    before it where there is one, else into a multiply-add; dropout removed."""
+    from edgecomp.passes.remove_dropout import RemoveDropout
+
+    mod = relax.transform.FoldBatchnormToConv2D()(mod)
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    # Fold the scaled weights and shifts now: decomposition needs constant weights, and
+    # ConvertLayout crashes on the scalar operands the folding leaves.
+    mod = relax.transform.FoldConstant()(mod)
+    return RemoveDropout()(mod)
 
 
 def _output_specs(mod: tvm.IRModule, names: list[str]) -> list[TensorSpec]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,28 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], message: str) -
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("edgecomp: error: "), result.stderr
     assert message in lines[-1]
+
+
+def wait_for_rpc_server(
+    proc: subprocess.Popen[bytes], host: str, port: int, timeout: float = 120.0
+) -> None:
+    """Wait until the RPC server ``proc`` answers a session on ``host:port``.
+
+    Bounded and checked: fails the test, saying what did not start, when the process exits
+    or no session opens within ``timeout`` seconds (generous: the machine may be loaded).
+    """
+    import pytest
+    from tvm import rpc
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the RPC server for {host}:{port} exited with {proc.returncode}")
+        try:
+            rpc.connect(host, port, session_timeout=10)
+            return
+        except Exception as err:  # noqa: BLE001 - not listening yet
+            last = err
+            time.sleep(0.2)
+    pytest.fail(f"the RPC server on {host}:{port} did not answer within {timeout:.0f} s: {last}")

@@ -17,13 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm import relax, te
 from tvm.relax.frontend.onnx import from_onnx
 
-from edgecomp.kernels.mec_conv import (
-    CONV_GEMM,
-    ConvSchedule,
-    choose_tiles,
-    mec_conv2d,
-    pack_weight,
-)
+from edgecomp.kernels.conv2d import ConvSchedule
+from edgecomp.kernels.conv_common import CONV_GEMM, choose_tiles, pack_weight
+from edgecomp.kernels.mec_conv import mec_conv2d
 from edgecomp.kernels.target_info import CpuInfo
 from edgecomp.models import light_model
 from edgecomp.pipeline import lower

@@ -2,25 +2,24 @@
 
 im2col copies every window into its own row, a ``(Ho*Wo) x (kh*kw*C)`` matrix per image, then
 runs one GEMM. The GEMM block has the same iteration space and annotations as MEC's, so the
-same schedule (:func:`edgecomp.kernels.mec_conv.schedule_conv_gemm_cpu`) runs both and a
+same schedule (:func:`edgecomp.kernels.conv_gemm.schedule_conv_gemm_cpu`) runs both and a
 comparison measures the lowering, not two different micro-kernels.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from tvm import te
 
-from edgecomp.kernels.mec_conv import (
-    _cast,
-    _gemm_weight_dims,
-    _tile_attrs,
-    conv_out_size,
+from edgecomp.kernels.conv_common import (
+    cast,
+    crop_output,
     gemm_weight,
+    gemm_weight_dims,
     padded_nhwc,
-    to_nchw,
+    tile_attrs,
+    window_geometry,
 )
 
 
@@ -33,25 +32,25 @@ def im2col_conv2d(
     tiles: tuple[int, int, int],
     out_dtype: str = "float32",
     out_channels: int | None = None,
+    layout: str = "NCHW",
 ) -> te.Tensor:
     """im2col + GEMM convolution; arguments as :func:`edgecomp.kernels.mec_conv.mec_conv2d`.
 
     Returns
     -------
     te.Tensor
-        Output ``[N, K, Ho, Wo]``.
+        Output ``[N, K, Ho, Wo]`` or ``[N, Ho, Wo, K]`` (``layout``).
     """
-    n, c, h, w = (int(v) for v in x.shape)
-    groups, kg, kh, kw, cg = _gemm_weight_dims(wk)
+    n = int(x.shape[0])
+    c = int(x.shape[3] if layout == "NHWC" else x.shape[1])
+    groups, kg, kh, kw, cg = gemm_weight_dims(wk)
     sh, sw = (int(v) for v in strides)
     dh, dw = (int(v) for v in dilation)
-    pt, pl, pb, pr = (int(v) for v in padding)
-    ho = conv_out_size(h, kh, sh, pt, pb, dh)
-    wo = conv_out_size(w, kw, sw, pl, pr, dw)
-    wo_pad = math.ceil(wo / tiles[0]) * tiles[0]
-
-    rows = (ho - 1) * sh + (kh - 1) * dh + 1
-    xt = padded_nhwc(x, rows, (wo_pad - 1) * sw + (kw - 1) * dw + 1, pt, pl)
+    pt, pl, _, _ = (int(v) for v in padding)
+    ho, wo, wo_pad, rows, cols_read = window_geometry(
+        x, layout, kh, kw, strides, padding, dilation, tiles[0]
+    )
+    xt = padded_nhwc(x, rows, cols_read, pt, pl, layout)
     cols = te.compute(
         (n, ho, wo_pad, kh, kw, c),
         lambda b, p, q, i, j, ch: xt[b, p * sh + i * dh, q * sw + j * dw, ch],
@@ -65,9 +64,12 @@ def im2col_conv2d(
         g = k // kg if groups > 1 else 0
         a = cols[b, p, q, ri, rj, g * cg + rc if groups > 1 else rc]
         bw = gemm_weight(wk, g, k % kg if groups > 1 else k, ri, rj, rc)
-        return te.sum(_cast(a, out_dtype) * _cast(bw, out_dtype), axis=[ri, rj, rc])
+        return te.sum(cast(a, out_dtype) * cast(bw, out_dtype), axis=[ri, rj, rc])
 
     conv = te.compute(
-        (n, ho, wo_pad, groups * kg), gemm, name="im2col_conv", attrs=_tile_attrs("im2col", tiles)
+        (n, ho, wo_pad, groups * kg),
+        gemm,
+        name="im2col_conv",
+        attrs=tile_attrs("im2col", tiles, layout),
     )
-    return to_nchw(conv, groups, kg, out_channels, ho, wo)
+    return crop_output(conv, groups, kg, out_channels, ho, wo, layout)

@@ -18,12 +18,22 @@ convolution rules, which schedule the blocks FuseTIR put next to their GEMM.
 
 from __future__ import annotations
 
+import logging
+
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 from tvm.target import Target
 
 from edgecomp.kernels.target_info import cpu_info, is_gpu, num_cores
+
+log = logging.getLogger("edgecomp.schedule")
+
+# What a schedule primitive raises when a function does not fit it: TVM's ScheduleError, a
+# ValueError from its region analysis (non-affine indices), or an InternalError (seen:
+# reverse_compute_inline on a squeeze-and-excitation block, "Cannot dispatch a null expression").
+SCHEDULE_ERRORS = (ScheduleError, ValueError, tvm.error.InternalError)
 
 # Below this many iterations a parallel loop costs more in thread wake-up than it saves.
 _MIN_PARALLEL_WORK = 4096
@@ -64,7 +74,7 @@ def inline_epilogues(sch: s_tir.Schedule, block: SBlockRV) -> SBlockRV:
             return block
         try:
             sch.reverse_compute_inline(consumers[0])
-        except ScheduleError:
+        except SCHEDULE_ERRORS:
             return block
 
 
@@ -80,7 +90,7 @@ def try_inline_producers(sch: s_tir.Schedule) -> None:
                 sch.compute_inline(block)
                 changed = True
                 break
-            except ScheduleError:
+            except SCHEDULE_ERRORS:
                 continue
 
 
@@ -142,15 +152,19 @@ def schedule_reduction_block(sch: s_tir.Schedule, block: SBlockRV, target: Targe
         window *= int(sch.get(lp).extent)
     inner = int(sch.get(spatial[-1]).extent)
     parallel_ok = _work(sch, block) >= _MIN_PARALLEL_WORK and num_cores(target) > 1
-    if n_spatial >= 2 and window <= 64 and inner % lanes == 0:
+    # NHWC pooling and global means reduce over rows and columns with channels innermost:
+    # vectorizing the channels is right whatever the window (a 56 x 56 global average pool).
+    channels_last = _reduces_outer_axes(sch, block)
+    if n_spatial >= 2 and (window <= 64 or channels_last) and inner % lanes == 0:
         s_o, s_v = sch.split(spatial[-1], [None, lanes])
         sch.reorder(*spatial[:-1], s_o, *reduce, s_v)
         outer = sch.fuse(*spatial[:-1]) if n_spatial > 2 else spatial[0]
         if parallel_ok:
             sch.parallel(outer)
         sch.vectorize(s_v)
-        for lp in reduce:
-            sch.unroll(lp)
+        if window <= 64:
+            for lp in reduce:
+                sch.unroll(lp)
         init = sch.decompose_reduction(block, reduce[0])
         sch.vectorize(sch.get_loops(init)[-1])
         return
@@ -159,6 +173,17 @@ def schedule_reduction_block(sch: s_tir.Schedule, block: SBlockRV, target: Targe
     fused = sch.fuse(*leading) if len(leading) > 1 else leading[0]
     if parallel_ok:
         sch.parallel(fused)
+
+
+def _reduces_outer_axes(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """True when the block's last spatial iterator indexes the last axis of what it reads
+    (channels, in NHWC), so its reduction runs over outer axes."""
+    stmt = sch.get(block)
+    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    if not spatial or not stmt.reads:
+        return False
+    last = stmt.reads[0].region[-1].min
+    return isinstance(last, tirx.Var) and last.same_as(spatial[-1])
 
 
 def schedule_leftovers(sch: s_tir.Schedule, target: Target) -> None:
@@ -319,6 +344,33 @@ def _column_chunk(n_cols: int, lanes: int, cores: int) -> int:
         if chunk % lanes == 0 and n_cols % chunk == 0 and n_cols // chunk >= cores:
             return chunk
     return n_cols if n_cols <= 512 else 1
+
+
+class Guarded(ScheduleRule):
+    """A rule that never fails a compile: when ``rule`` raises on a function (a schedule
+    primitive that does not fit it), ``fallback`` schedules it instead, and that is logged at
+    debug level; if the fallback fails too, the function stays unscheduled (it still builds on
+    CPUs)."""
+
+    def __init__(self, rule: ScheduleRule, fallback: ScheduleRule | None) -> None:
+        self.rule = rule
+        self.fallback = fallback
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        """``rule.apply``, or the fallback's schedule when it raised."""
+        try:
+            return self.rule.apply(func, target, tunable)
+        except Exception as err:  # any failure of a rule is a reason to fall back, not to stop
+            name = type(self.rule).__name__
+            log.debug("%s failed on a function (%s); using the fallback schedule", name, err)
+        if self.fallback is not None:
+            try:
+                sch = self.fallback.apply(func, target, False)
+                if sch is not None:
+                    return sch
+            except Exception as err:  # noqa: BLE001 - the plain function still builds
+                log.debug("the fallback schedule failed too (%s); left unscheduled", err)
+        return None if is_gpu(target) else s_tir.Schedule(func)
 
 
 class CpuFallback(ScheduleRule):

@@ -116,12 +116,29 @@ def _input_specs(
     return specs
 
 
+def _check_inference_mode(node: onnx.NodeProto, index: int) -> None:
+    """Refuse a BatchNormalization exported in training mode: it normalizes with the batch's
+    own statistics (and updates the running ones), which TVM's importer would silently treat
+    as the inference form, giving wrong numbers."""
+    if node.op_type != "BatchNormalization":
+        return
+    training = any(a.name == "training_mode" and a.i != 0 for a in node.attribute)
+    if training or len([o for o in node.output if o]) > 1:
+        where = f"node {node.name!r}" if node.name else f"node #{index}"
+        raise EdgecompError(
+            f"BatchNormalization at {where} is in training mode (training_mode=1 or running"
+            " statistics as outputs): edgecomp compiles inference graphs; export the model in"
+            " eval mode (e.g. model.eval() before torch.onnx.export)"
+        )
+
+
 def check_supported(model: onnx.ModelProto) -> None:
     """Raise EdgecompError naming the first op (and its node) that TVM's importer lacks."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     supported = _get_convert_map()
     for index, node in enumerate(model.graph.node):
+        _check_inference_mode(node, index)
         if node.domain not in ("", "ai.onnx") or node.op_type not in supported:
             where = f"node {node.name!r}" if node.name else f"node #{index}"
             domain = f" (domain {node.domain})" if node.domain not in ("", "ai.onnx") else ""

@@ -66,6 +66,8 @@ def layout_passes(target: tvm.target.Target, layout: str = "NHWC") -> list[tvm.t
         ClipToMinMax(),  # relax.clip has no layout rule: it would stay NCHW between transposes
         relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, "OIHW"]}),
         relax.transform.FoldConstant(),
+        # An input used twice (a residual's shortcut) is transposed once.
+        relax.transform.EliminateCommonSubexpr(),
     ]
 
 

@@ -34,6 +34,8 @@ from edgecomp.kernels.conv_common import (
 from edgecomp.kernels.conv_gemm import schedule_conv_gemm_cpu, schedule_conv_gemm_gpu
 from edgecomp.kernels.depthwise_conv import (
     depthwise_conv2d,
+    nhwc_weight,
+    nhwc_weight_te,
     schedule_depthwise_cpu,
     schedule_depthwise_gpu,
 )
@@ -108,17 +110,16 @@ def _legalize(bb: relax.BlockBuilder, call: relax.Call, kind: str) -> relax.Expr
     channels, width = (shape[3], shape[2]) if layout == "NHWC" else (shape[1], shape[3])
     k, cg, kh, kw = (int(v) for v in weight.ty.shape.values)
     if groups > 1 and cg == 1 and groups == channels:
-        return bb.call_te(
-            depthwise_conv2d,
-            data,
-            weight,
-            strides,
-            padding,
-            dilation,
-            out_dtype,
-            layout,
-            primfunc_name_hint="depthwise_conv2d",
-        )
+        folded = layout == "NHWC" and isinstance(weight, tvm.ir.expr.Constant)
+        if folded:
+            weight = relax.const(nhwc_weight(weight.value.numpy()))
+
+        def depthwise(x: te.Tensor, w: te.Tensor) -> te.Tensor:
+            if layout == "NHWC" and not folded:
+                w = nhwc_weight_te(w)
+            return depthwise_conv2d(x, w, strides, padding, dilation, out_dtype, layout)
+
+        return bb.call_te(depthwise, data, weight, primfunc_name_hint="depthwise_conv2d")
     target = Target.current(allow_none=True)
     wo = conv_out_size(width, kw, strides[1], padding[1], padding[3], dilation[1])
     tiles = tiles_for(wo, k // groups, target, kh * kw * cg)

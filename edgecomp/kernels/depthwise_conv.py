@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from tvm import s_tir, te, tirx
 from tvm.target import Target
 
@@ -28,13 +29,18 @@ def depthwise_conv2d(
     out_dtype: str = "float32",
     layout: str = "NCHW",
 ) -> te.Tensor:
-    """Direct depthwise convolution (weight ``[K, 1, kh, kw]``, ``K = C * mult``).
+    """Direct depthwise convolution, ``K = C * mult`` output channels.
 
-    ``layout`` is the input's and the output's (``NCHW`` or ``NHWC``). The padding is a
-    block of its own (``dw_pad``) that the schedule inlines as bounds-checked reads.
+    ``layout`` is the input's and the output's (``NCHW`` or ``NHWC``); the weight is
+    ``[K, 1, kh, kw]`` for NCHW and ``[kh, kw, K]`` for NHWC (see :func:`nhwc_weight`), so
+    that a vector of channels loads contiguous weights. The padding is a block of its own
+    (``dw_pad``) that the schedule inlines as bounds-checked reads.
     """
     n, c, h, wd = nchw_dims(x, layout)
-    k, _, kh, kw = (int(v) for v in w.shape)
+    if layout == "NHWC":
+        kh, kw, k = (int(v) for v in w.shape)
+    else:
+        k, _, kh, kw = (int(v) for v in w.shape)
     mult = k // c
     sh, sw = (int(v) for v in strides)
     dh, dw = (int(v) for v in dilation)
@@ -57,7 +63,7 @@ def depthwise_conv2d(
             (n, ho, wo, k),
             lambda b, p, q, o: te.sum(
                 cast(xp[b, p * sh + ri * dh, q * sw + rj * dw, o // mult], out_dtype)
-                * cast(w[o, 0, ri, rj], out_dtype),
+                * cast(w[ri, rj, o], out_dtype),
                 axis=[ri, rj],
             ),
             name="dw_conv",
@@ -80,6 +86,17 @@ def depthwise_conv2d(
         name="dw_conv",
         attrs={DEPTHWISE: "NCHW"},
     )
+
+
+def nhwc_weight(w: np.ndarray) -> np.ndarray:
+    """``[K, 1, kh, kw]`` -> ``[kh, kw, K]``: the weight layout of the NHWC kernel."""
+    return np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
+
+
+def nhwc_weight_te(w: te.Tensor) -> te.Tensor:
+    """:func:`nhwc_weight` for weights that are not constants."""
+    k, _, kh, kw = (int(v) for v in w.shape)
+    return te.compute((kh, kw, k), lambda i, j, o: w[o, 0, i, j], name="dw_weight")
 
 
 def _inline_padding(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> None:

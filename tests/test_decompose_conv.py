@@ -20,7 +20,7 @@ from edgecomp.runner import load_local, open_package, read_inputs
 from edgecomp.targets import load_board
 
 HOST = load_board("host")
-BIAS = ["reshape", "add"]  # the ONNX importer's bias: reshape to [1, K, 1, 1], then add
+BIAS = ["add"]  # the bias: the importer reshapes it to [1, K, 1, 1], import folds that
 
 
 def conv_model(

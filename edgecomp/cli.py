@@ -59,12 +59,16 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         args.output,
         input_shapes=parse_input_shapes(args.input_shape),
         decompose=_decompose_options(args),
+        weights=args.weights,
     )
     size = package.manifest["files"]["model.so"]["bytes"]
     print(
         f"{package.path}/model.so  ({size / 1e6:.1f} MB, {package.arch},"
         f" board {package.manifest['board']})"
     )
+    if package.weights_file is not None:
+        size = package.manifest["files"][package.weights_file.name]["bytes"]
+        print(f"{package.weights_file}  ({size / 1e6:.1f} MB of weights, loaded by every runner)")
     return 0
 
 
@@ -304,6 +308,14 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME:1x3x224x224",
         help="static shape for a dynamic input",
+    )
+    p.add_argument(
+        "--weights",
+        choices=["auto", "embedded", "external"],  # edgecomp.weights.WEIGHT_MODES
+        default="auto",
+        help="weights inside model.so (embedded) or beside it in weights.params (external);"
+        " auto (default): external where the board's linker cannot embed them (rasp3b above"
+        " 256 MB, e.g. VGG-19), embedded elsewhere",
     )
     _add_decompose(p)
     p.add_argument(

@@ -72,6 +72,15 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_package(args: argparse.Namespace) -> int:
+    from edgecomp.kit import make_kit
+
+    kit = make_kit(args.package, args.output, runtime_dir=args.runtime)
+    print(f"{kit}  ({kit.stat().st_size / 1e6:.1f} MB): model, TVM runtime, headers, C++ runner,")
+    print("Android sample; unpack it and read its README.md")
+    return 0
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from edgecomp.analyze import analyze, format_table
     from edgecomp.frontend import parse_input_shapes
@@ -324,6 +333,23 @@ def _parser() -> argparse.ArgumentParser:
         help="with --decompose: fuse each factor chain into one kernel where that lowers the"
         " model's planned peak memory (auto, the default), every chain (all: the least memory,"
         " slower where the fused kernel recomputes its halo), or none (separate ops)",
+    )
+
+    p = sub(
+        "package",
+        _cmd_package,
+        "make an app kit of a package: the model, the board's TVM runtime, headers, a native"
+        " C++ runner and an Android sample, in one .tar.gz",
+        "edgecomp package out/rasp4b -o rasp4b-kit.tar.gz\n"
+        "edgecomp package out/rasp3b -o rasp3b-kit.tar.gz --runtime ~/tvm-armv7/lib",
+    )
+    p.add_argument("package", help="the package folder from edgecomp compile")
+    p.add_argument("-o", "--output", required=True, metavar="KIT.tar.gz", help="the kit to write")
+    p.add_argument(
+        "--runtime",
+        metavar="DIR",
+        help="libtvm_runtime.so and libtvm_ffi.so built for the board, where PyPI has none"
+        " (armv7, Android, OpenCL); default: the PyPI wheels of the board's architecture",
     )
 
     p = sub(

@@ -255,7 +255,7 @@ def _readme(package: Package, record: dict[str, Any], glibc: str | None, libs: l
     arch = package.arch
     toolchain = TOOLCHAIN_FILES.get(arch)
     configure = (
-        f"cmake -S cpp -B build -DCMAKE_TOOLCHAIN_FILE=cpp/{toolchain}"
+        f"cmake -S cpp -B build -DCMAKE_TOOLCHAIN_FILE=$PWD/cpp/{toolchain}"
         if toolchain
         else "cmake -S cpp -B build"
     )

@@ -149,7 +149,7 @@ def write_package(
             weights_entry = {
                 "mode": "external",
                 "file": WEIGHTS,
-                "sha256": sha256(stage / WEIGHTS),
+                "sha256": None,  # filled in below with the other checksums
                 "tensors": len(weights),
                 "order": "main(*inputs, *weights by sorted name)",
             }
@@ -186,6 +186,8 @@ def write_package(
                 n: {"sha256": sha256(f), "bytes": f.stat().st_size} for n, f in files.items()
             },
         }
+        if weights is not None:
+            weights_entry["sha256"] = manifest["files"][WEIGHTS]["sha256"]
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Package(outdir, manifest)
 

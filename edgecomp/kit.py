@@ -266,8 +266,7 @@ def _readme(package: Package, record: dict[str, Any], glibc: str | None, libs: l
         f"`{s['name']}` {tuple(s['shape'])} {s['dtype']}" for s in manifest["outputs"]
     )
     first = manifest["inputs"][0]["name"]
-    weights = manifest.get("weights")
-    external = isinstance(weights, dict) and weights.get("file")
+    weights_file = package.weights_file
     template = Template((data_dir("deploy") / "KIT_README.md").read_text())
     return template.substitute(
         board=manifest.get("board"),
@@ -282,8 +281,8 @@ def _readme(package: Package, record: dict[str, Any], glibc: str | None, libs: l
         outputs=outputs,
         first=first,
         weights=(
-            f"beside the library in `model/{weights['file']}`, loaded by `edgecomp::Model`"
-            if external
+            f"beside the library in `model/{weights_file.name}`, loaded by `edgecomp::Model`"
+            if weights_file is not None
             else "embedded in `model/model.so`"
         ),
         threads=manifest.get("target", {}).get("num-cores", "all"),

@@ -266,14 +266,13 @@ def test_rpc_runner_loads_external_weights(emulated_rasp4b, rasp4b_kits, model_i
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("weights", ["embedded", "external"])
-def test_python_device_runner_equals_the_native_runner(rasp4b_kits, model_input, weights):
+def test_python_device_runner_equals_the_native_runner(rasp4b_kits, model_input):
     from edgecomp.device import prepare
     from edgecomp.resources import data_dir
     from edgecomp.targets import load_board
 
     python = prepare(load_board("rasp4b")) / "python"
-    kit = rasp4b_kits[weights]
+    kit = rasp4b_kits["external"]
     _, x_path, _ = model_input
     native = run_native([*QEMU, str(kit / "build" / "edgecomp_run")], kit,
                         "--input", f"input={x_path}", out=kit / "native")  # fmt: skip

@@ -76,8 +76,10 @@ def _cmd_package(args: argparse.Namespace) -> int:
     from edgecomp.kit import make_kit
 
     kit = make_kit(args.package, args.output, runtime_dir=args.runtime)
-    print(f"{kit}  ({kit.stat().st_size / 1e6:.1f} MB): model, TVM runtime, headers, C++ runner,")
-    print("Android sample; unpack it and read its README.md")
+    print(
+        f"{kit}  ({kit.stat().st_size / 1e6:.1f} MB: model, TVM runtime, headers, C++ runner,"
+        " Android sample; unpack it and read its README.md)"
+    )
     return 0
 
 

@@ -35,6 +35,12 @@ def unpack(kit: Path, where: Path) -> Path:
     return top
 
 
+def find_ffi_library() -> Path:
+    import tvm_ffi
+
+    return Path(tvm_ffi.__file__).parent / "lib" / "libtvm_ffi.so"
+
+
 def cmake(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["cmake", *args], cwd=cwd, capture_output=True, text=True, timeout=BUILD_TIMEOUT
@@ -231,6 +237,19 @@ def test_package_errors(tmp_path):
         edgecomp("package", str(rasp3b.path), "-o", str(tmp_path / "k.tar.gz"),
                  "--runtime", str(empty)),
         "the TVM runtime library libtvm_runtime.so is missing",
+    )  # fmt: skip
+    import tvm
+
+    host_libs = tmp_path / "host-runtime"  # a runtime of the wrong architecture
+    host_libs.mkdir()
+    (host_libs / "libtvm_runtime.so").symlink_to(
+        Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"
+    )
+    (host_libs / "libtvm_ffi.so").symlink_to(find_ffi_library())
+    assert_clean_error(
+        edgecomp("package", str(rasp3b.path), "-o", str(tmp_path / "k.tar.gz"),
+                 "--runtime", str(host_libs)),
+        "is for x86_64 but the package is for arm (board rasp3b)",
     )  # fmt: skip
     (rasp3b.path / "model.so").write_bytes(b"altered")
     with pytest.raises(EdgecompError, match="does not match the checksum"):

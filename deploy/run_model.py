@@ -49,6 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
+    # model.so calls into the runtime it was compiled against: another TVM may crash in it.
+    if manifest.get("tvm") not in (None, tvm.__version__):
+        print(
+            f"run_model: the model was compiled with TVM {manifest['tvm']} but this device has"
+            f" TVM {tvm.__version__}: install apache-tvm=={manifest['tvm']} or compile it again",
+            file=sys.stderr,
+        )
+        return 1
+
     given = dict(item.split("=", 1) for item in args.input)
     rng = np.random.default_rng(0)
     inputs = []

@@ -211,6 +211,29 @@ def test_runner_refuses_bad_input_and_altered_kits(host_kit, rasp4b_kits, model_
     assert run_native(runner, kit, *given).returncode == 0
 
 
+def test_python_runner_refuses_another_tvm_version(host_kit, tmp_path):
+    import sys
+
+    from edgecomp.resources import data_dir
+
+    _, package = host_kit
+    copy = tmp_path / "pkg"
+    shutil.copytree(package, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["tvm"] = "0.26.0"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = subprocess.run(
+        [sys.executable, str(data_dir("deploy") / "run_model.py"), str(copy)],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "run_model: the model was compiled with TVM 0.26.0 but this device has TVM"
+        f" {json.loads((package / 'manifest.json').read_text())['tvm']}: install"
+        " apache-tvm==0.26.0 or compile it again"
+    ]
+
+
 def test_kit_cmake_refuses_to_build_for_another_architecture(rasp4b_kits, tmp_path):
     kit = tmp_path / "kit"
     shutil.copytree(rasp4b_kits["embedded"], kit, ignore=shutil.ignore_patterns("build", "out"))

@@ -75,7 +75,6 @@ def test_external_package_runs_and_records_its_weights(tmp_path):
         read_package(package.path)
 
 
-@pytest.mark.slow
 def test_vgg19_compiles_for_rasp3b_with_external_weights(tmp_path):
     """Embedded, VGG-19's 548 MB of weights do not link for armv7; ``auto`` puts them beside."""
     path = tmp_path / "vgg19.onnx"

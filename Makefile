@@ -7,8 +7,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Cross toolchains for aarch64 and armv7 boards, qemu-user for the emulated device,
-# debootstrap for its sysroot, file for humans checking ELF files.
-APT_PACKAGES := g++-aarch64-linux-gnu g++-arm-linux-gnueabihf qemu-user debootstrap file
+# debootstrap for its sysroot, file for humans checking ELF files, cmake and g++ for the app
+# kit's native runner (edgecomp package).
+APT_PACKAGES := g++-aarch64-linux-gnu g++-arm-linux-gnueabihf qemu-user debootstrap file cmake g++
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test system venv lint

@@ -6,8 +6,10 @@ It needs no edgecomp and no compiler on the device::
     pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 numpy
     TVM_USE_RUNTIME_LIB=1 python3 run_model.py PACKAGE_DIR --input input=x.npy -o out.npz
 
-Inputs not given are seeded random data of the manifest's shape; ``--repeat N`` also prints
-the latency (median, min, max in ms).
+A package compiled with ``--weights external`` has its weights in ``weights.params`` beside
+``model.so``; they are loaded and passed to ``main`` after the inputs. Inputs not given are
+seeded random data of the manifest's shape; ``--repeat N`` also prints the latency (median,
+min, max in ms).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest = json.loads((args.package / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
+        if not (args.package / name).is_file():
+            print(
+                f"run_model: {args.package / name} is missing; copy the whole package",
+                file=sys.stderr,
+            )
+            return 1
         digest = hashlib.sha256((args.package / name).read_bytes()).hexdigest()
         if digest != entry["sha256"]:
             print(f"run_model: {name} does not match its checksum in the manifest", file=sys.stderr)
@@ -40,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import tvm
     from tvm.runtime.vm import VirtualMachine
+
+    # model.so calls into the runtime it was compiled against: another TVM may crash in it.
+    if manifest.get("tvm") not in (None, tvm.__version__):
+        print(
+            f"run_model: the model was compiled with TVM {manifest['tvm']} but this device has"
+            f" TVM {tvm.__version__}: install apache-tvm=={manifest['tvm']} or compile it again",
+            file=sys.stderr,
+        )
+        return 1
 
     given = dict(item.split("=", 1) for item in args.input)
     rng = np.random.default_rng(0)
@@ -50,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             array = rng.standard_normal(spec["shape"]).astype(spec["dtype"])
         inputs.append(tvm.runtime.tensor(array))
+
+    # --weights external: main takes the weights after the inputs, in the order of their names.
+    weights = manifest.get("weights")
+    if isinstance(weights, dict) and weights.get("file"):
+        params = tvm.runtime.load_param_dict((args.package / weights["file"]).read_bytes())
+        inputs += [params[name] for name in sorted(params)]
 
     device = tvm.cpu()
     vm = VirtualMachine(tvm.runtime.load_module(str(args.package / "model.so")), device)

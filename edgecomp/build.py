@@ -63,6 +63,7 @@ def compile_model(
     outdir: str | os.PathLike[str],
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     decompose: DecomposeOptions | None = None,
+    weights: str = "auto",
 ) -> Package:
     """Compile an ONNX model for a board into a deployable package folder.
 
@@ -78,12 +79,19 @@ def compile_model(
         Static shapes for inputs with dynamic dimensions.
     decompose
         Replace dense convolutions by factor chains first (see :mod:`edgecomp.decompose`).
+    weights
+        ``embedded`` in ``model.so``, ``external`` (beside it in ``weights.params``), or
+        ``auto``: external where the board's linker cannot embed them (the board file's
+        ``max_embedded_weights_mb``, e.g. VGG-19 on ``rasp3b``), embedded elsewhere.
 
     Examples
     --------
     >>> compile_model("digits_cnn.onnx", "rasp4b", "out/rasp4b")  # doctest: +SKIP
     """
+    from edgecomp.weights import choose_mode, constant_bytes, lift_weights
+
     board = board if isinstance(board, Board) else load_board(board)
+    choose_mode(weights, None, 0)  # reject a bad mode before the long work starts
     board.fcompile()  # fail on a missing toolchain before the long work starts
     model = load_onnx(model_path)
     with step("importing the ONNX model"):
@@ -107,7 +115,16 @@ def compile_model(
     with step(f"building for {board.name}"):
         refuse = decompose.refuse if decompose is not None else "auto"
         lowered = lower(mod, board.tvm_target(), refuse=refuse)
-        executable = build(mod, board, lowered)
+        mode = choose_mode(weights, board.max_embedded_weights_mb, constant_bytes(lowered))
+        # External weights are lifted from the lowered module, after every compile-time
+        # rewrite of them (folding, MEC's weight packing): the kernels are the same.
+        built, params = lift_weights(lowered) if mode == "external" else (lowered, None)
+        executable = build(mod, board, built)
+    if weights == "auto" and mode == "external":
+        console.print(
+            f"weights: external ({constant_bytes(lowered) / 1e6:.0f} MB is more than board"
+            f" {board.name} links into model.so: {board.max_embedded_weights_mb} MB)"
+        )
     if decompose is not None:
         fused, chains = fused_chain_calls(lowered), count_chains(mod)
         options["fused_chains"] = {"fused": fused, "chains": chains}
@@ -130,4 +147,5 @@ def compile_model(
             source=model_path,
             options=options,
             extra_files=extra,
+            weights=params,
         )

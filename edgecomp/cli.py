@@ -59,11 +59,26 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         args.output,
         input_shapes=parse_input_shapes(args.input_shape),
         decompose=_decompose_options(args),
+        weights=args.weights,
     )
     size = package.manifest["files"]["model.so"]["bytes"]
     print(
         f"{package.path}/model.so  ({size / 1e6:.1f} MB, {package.arch},"
         f" board {package.manifest['board']})"
+    )
+    if package.weights_file is not None:
+        size = package.manifest["files"][package.weights_file.name]["bytes"]
+        print(f"{package.weights_file}  ({size / 1e6:.1f} MB of weights, loaded by every runner)")
+    return 0
+
+
+def _cmd_package(args: argparse.Namespace) -> int:
+    from edgecomp.kit import make_kit
+
+    kit = make_kit(args.package, args.output, runtime_dir=args.runtime)
+    print(
+        f"{kit}  ({kit.stat().st_size / 1e6:.1f} MB: model, TVM runtime, headers, C++ runner,"
+        " Android sample; unpack it and read its README.md)"
     )
     return 0
 
@@ -305,6 +320,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME:1x3x224x224",
         help="static shape for a dynamic input",
     )
+    p.add_argument(
+        "--weights",
+        choices=["auto", "embedded", "external"],  # edgecomp.weights.WEIGHT_MODES
+        default="auto",
+        help="weights inside model.so (embedded) or beside it in weights.params (external);"
+        " auto (default): external where the board's linker cannot embed them (rasp3b above"
+        " 256 MB, e.g. VGG-19), embedded elsewhere",
+    )
     _add_decompose(p)
     p.add_argument(
         "--refuse",
@@ -312,6 +335,23 @@ def _parser() -> argparse.ArgumentParser:
         help="with --decompose: fuse each factor chain into one kernel where that lowers the"
         " model's planned peak memory (auto, the default), every chain (all: the least memory,"
         " slower where the fused kernel recomputes its halo), or none (separate ops)",
+    )
+
+    p = sub(
+        "package",
+        _cmd_package,
+        "make an app kit of a package: the model, the board's TVM runtime, headers, a native"
+        " C++ runner and an Android sample, in one .tar.gz",
+        "edgecomp package out/rasp4b -o rasp4b-kit.tar.gz\n"
+        "edgecomp package out/rasp3b -o rasp3b-kit.tar.gz --runtime ~/tvm-armv7/lib",
+    )
+    p.add_argument("package", help="the package folder from edgecomp compile")
+    p.add_argument("-o", "--output", required=True, metavar="KIT.tar.gz", help="the kit to write")
+    p.add_argument(
+        "--runtime",
+        metavar="DIR",
+        help="libtvm_runtime.so and libtvm_ffi.so built for the board, where PyPI has none"
+        " (armv7, Android, OpenCL); default: the PyPI wheels of the board's architecture",
     )
 
     p = sub(

@@ -128,20 +128,7 @@ def prepare(board: Board) -> Path:
             for stale in (root / "usr/lib/python3/dist-packages").glob("numpy*"):
                 shutil.rmtree(stale, ignore_errors=True)
         with step(f"downloading the {emu['debian_arch']} TVM runtime wheels from PyPI"):
-            platforms = [f"--platform={p}" for p in emu["wheel_platforms"]]
-            pins = [_pin(name) for name in DEVICE_WHEELS]
-            _run(
-                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                 f"--python-version={emu['python']}", *platforms, "-d", str(wheels), *pins],
-                "downloading the device wheels",
-            )  # fmt: skip
-            import zipfile
-
-            for wheel in sorted(wheels.glob("*.whl")):
-                zipfile.ZipFile(wheel).extractall(site)
-            shutil.rmtree(wheels)
-            # A board runs TVM's runtime only (TVM_USE_RUNTIME_LIB=1): drop the 240 MB compiler.
-            (site / "tvm" / "lib" / "libtvm_compiler.so").unlink(missing_ok=True)
+            download_wheels(DEVICE_WHEELS, emu["python"], emu["wheel_platforms"], site, wheels)
         python = work / "python"
         python.write_text(_wrapper(board, final))
         python.chmod(0o755)
@@ -153,6 +140,28 @@ def prepare(board: Board) -> Path:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return final
+
+
+def download_wheels(
+    names: tuple[str, ...], python: str, platforms: list[str], site: Path, scratch: Path
+) -> None:
+    """Download the wheels ``names`` for another platform from PyPI and unpack them into ``site``.
+
+    Versions follow this machine's (``_pin``), so host and device run the same TVM. TVM's
+    compiler library is dropped: a board runs TVM's runtime only (``TVM_USE_RUNTIME_LIB=1``).
+    """
+    import zipfile
+
+    _run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+         f"--python-version={python}", *[f"--platform={p}" for p in platforms],
+         "-d", str(scratch), *[_pin(name) for name in names]],
+        "downloading the device wheels",
+    )  # fmt: skip
+    for wheel in sorted(scratch.glob("*.whl")):
+        zipfile.ZipFile(wheel).extractall(site)
+    shutil.rmtree(scratch)
+    (site / "tvm" / "lib" / "libtvm_compiler.so").unlink(missing_ok=True)  # 240 MB, unused
 
 
 def _pin(name: str) -> str:
@@ -308,3 +317,39 @@ def stop_emulated_devices(port: int | None = None) -> list[dict[str, Any]]:
         _forget(info["port"])
         stopped.append(info)
     return stopped
+
+
+RUNTIME_WHEELS = ("apache-tvm", "apache-tvm-ffi")
+
+
+def runtime_site(board: Board) -> Path:
+    """A folder with the board architecture's TVM runtime wheels unpacked (``tvm/lib``,
+    ``tvm_ffi/lib``, their licences).
+
+    The emulated device's own ``site/`` when it was prepared (byte-identical files), else
+    the two wheels alone, downloaded once from PyPI into the cache.
+    """
+    if board.emulate is None:
+        raise EdgecompError(f"board {board.name!r} has no PyPI runtime wheels: {board.emulate_why}")
+    device_site = _device_dir(board) / "site"
+    if (device_site / "tvm" / "lib" / "libtvm_runtime.so").is_file():
+        return device_site
+    emu = board.emulate
+    final = cache_dir() / "runtimes" / f"{board.arch}-tvm{version('apache-tvm')}"
+    if (final / "tvm" / "lib" / "libtvm_runtime.so").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
+    try:
+        with step(f"downloading the {board.arch} TVM runtime wheels from PyPI"):
+            download_wheels(
+                RUNTIME_WHEELS, emu["python"], emu["wheel_platforms"], work, work / "wheels"
+            )
+        if final.exists():  # another process finished first
+            shutil.rmtree(work)
+        else:
+            work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return final

@@ -1,4 +1,5 @@
-"""The deployable package: ``model.so`` (weights inside) and ``manifest.json`` in one folder.
+"""The deployable package: ``model.so`` (weights inside, or beside it in ``weights.params``)
+and ``manifest.json`` in one folder.
 
 A package is written to a temporary sibling folder and moved into place only when complete,
 so a failed compile never leaves a half-written package behind.
@@ -27,6 +28,7 @@ from edgecomp.targets import Board, elf_arch
 
 LIBRARY = "model.so"
 MANIFEST = "manifest.json"
+WEIGHTS = "weights.params"
 
 
 def sha256(path: str | os.PathLike[str]) -> str:
@@ -54,6 +56,14 @@ class Package:
     def arch(self) -> str:
         """ELF architecture the library was linked for."""
         return str(self.manifest["arch"])
+
+    @property
+    def weights_file(self) -> Path | None:
+        """The external weights file (``--weights external``), or None when embedded."""
+        weights = self.manifest.get("weights")
+        if isinstance(weights, dict) and weights.get("file"):
+            return self.path / str(weights["file"])
+        return None
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -92,6 +102,7 @@ def write_package(
     source: str | os.PathLike[str] | None = None,
     options: dict[str, Any] | None = None,
     extra_files: dict[str, str] | None = None,
+    weights: dict[str, tvm.runtime.Tensor] | None = None,
 ) -> Package:
     """Link ``executable`` for ``board`` and write the package folder.
 
@@ -111,10 +122,14 @@ def write_package(
         Compile options worth recording (decomposition, rank policy ...).
     extra_files
         More text files for the package, by name (e.g. ``report.json``); checksummed too.
+    weights
+        Weights lifted out of the library (:func:`edgecomp.weights.lift_weights`): written to
+        ``weights.params``, which every runner passes to ``main`` after the inputs. None:
+        the weights are embedded in ``model.so``.
     """
     outdir = Path(outdir)
     fcompile: Callable[..., None] | None = board.fcompile()
-    names = (LIBRARY, *(extra_files or {}), MANIFEST)
+    names = (LIBRARY, *([WEIGHTS] if weights is not None else []), *(extra_files or {}), MANIFEST)
     with _staging(outdir, names) as stage:
         lib = stage / LIBRARY
         try:
@@ -125,6 +140,19 @@ def write_package(
         except Exception as err:  # the linker's message is what the user needs
             raise EdgecompError(f"linking {LIBRARY} for {board.name} failed: {err}") from err
         files = {LIBRARY: lib}
+        weights_entry: dict[str, Any] = {"mode": "embedded", "file": None}
+        if weights is not None:
+            from edgecomp.weights import save_weights
+
+            save_weights(weights, stage / WEIGHTS)
+            files[WEIGHTS] = stage / WEIGHTS
+            weights_entry = {
+                "mode": "external",
+                "file": WEIGHTS,
+                "sha256": None,  # filled in below with the other checksums
+                "tensors": len(weights),
+                "order": "main(*inputs, *weights by sorted name)",
+            }
         for name, text in (extra_files or {}).items():
             (stage / name).write_text(text)
             files[name] = stage / name
@@ -137,13 +165,14 @@ def write_package(
         manifest = {
             "edgecomp": edgecomp.__version__,
             "tvm": tvm.__version__,
+            "tvm_ffi": _version("apache-tvm-ffi"),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "board": board.name,
             "arch": arch,
             "target": board.target,
             "tvm_target": _plain(board.tvm_target().export()),
             "rpc_key": board.rpc_key,
-            "weights": f"embedded in {LIBRARY}",
+            "weights": weights_entry,
             "entry": "main",
             "inputs": [s.to_json() for s in signature.inputs],
             "outputs": [s.to_json() for s in signature.outputs],
@@ -157,8 +186,19 @@ def write_package(
                 n: {"sha256": sha256(f), "bytes": f.stat().st_size} for n, f in files.items()
             },
         }
+        if weights is not None:
+            weights_entry["sha256"] = manifest["files"][WEIGHTS]["sha256"]
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Package(outdir, manifest)
+
+
+def _version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
 
 
 def _plain(value: Any) -> Any:

@@ -480,7 +480,7 @@ def layer_times(
         rows = (report or load_report(loaded.package.path))["variants"]["after"]["kernels"]
         return _remote_times(loaded, rows, repeat)
     arrays = inputs if inputs is not None else read_inputs(loaded.package.inputs, None)
-    args = [tvm.runtime.tensor(a, loaded.device) for a in arrays]
+    args = [tvm.runtime.tensor(a, loaded.device) for a in arrays] + loaded.weights
     runs: list[list[tuple[str, float]]] = []
     current: list[tuple[str, float]] = []
     started: list[float] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,12 @@ class Loaded:
     vm: relax.VirtualMachine
     device: tvm.runtime.Device
     session: Any | None  # tvm.rpc.RPCSession; kept alive as long as the VM is used
+    # External weights (``weights.params``) on the device, passed to main after the inputs.
+    weights: list[tvm.runtime.Tensor] = field(default_factory=list)
 
     def _to_device(self, arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
-        return [tvm.runtime.tensor(a, self.device) for a in arrays]
+        """``main``'s arguments: the inputs on the device, then the external weights."""
+        return [tvm.runtime.tensor(a, self.device) for a in arrays] + self.weights
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Run the model once; returns the outputs as numpy arrays, in manifest order."""
@@ -75,7 +78,23 @@ def load_local(package: Package) -> Loaded:
         )
     device = tvm.cpu()
     lib = tvm.runtime.load_module(str(package.library))
-    return Loaded(package, relax.VirtualMachine(lib, device), device, None)
+    return Loaded(
+        package, relax.VirtualMachine(lib, device), device, None, _weights(package, device)
+    )
+
+
+def _weights(package: Package, device: tvm.runtime.Device) -> list[tvm.runtime.Tensor]:
+    """The package's external weights on ``device`` (read here, copied over RPC if remote)."""
+    from edgecomp.weights import load_weights
+
+    path = package.weights_file
+    if path is None:
+        return []
+    if not path.is_file():
+        raise EdgecompError(
+            f"package {package.path} lacks its weights file {path.name}; compile it again"
+        )
+    return load_weights(path, device)
 
 
 def load_remote(package: Package, session: Any) -> Loaded:
@@ -101,7 +120,9 @@ def load_remote(package: Package, session: Any) -> Loaded:
             f" is the device of that architecture? {str(err).strip().splitlines()[-1]}"
         ) from err
     device = session.cpu() if package.manifest["target"].get("kind") == "llvm" else session.cl()
-    return Loaded(package, relax.VirtualMachine(lib, device), device, session)
+    return Loaded(
+        package, relax.VirtualMachine(lib, device), device, session, _weights(package, device)
+    )
 
 
 def read_inputs(

@@ -38,6 +38,9 @@ class Board:
     rpc_key: str
     emulate: dict[str, Any] | None
     emulate_why: str = ""
+    # Above this many MB of weights the board's linker cannot embed them in model.so (armv7's
+    # 32-bit ld): ``--weights auto`` then writes them beside it. None: no limit.
+    max_embedded_weights_mb: float | None = None
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -148,6 +151,7 @@ def load_board(name_or_path: str | os.PathLike[str]) -> Board:
         rpc_key=data["rpc_key"],
         emulate=data.get("emulate"),
         emulate_why=data.get("emulate_why", ""),
+        max_embedded_weights_mb=data.get("max_embedded_weights_mb"),
         path=path,
     )
 

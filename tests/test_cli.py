@@ -8,6 +8,7 @@ from helpers import assert_clean_error, edgecomp, tiny_cnn
 SUBCOMMANDS = [
     ["targets"],
     ["compile"],
+    ["package"],
     ["analyze"],
     ["run"],
     ["bench"],
@@ -25,6 +26,7 @@ def test_top_level_help_lists_commands_with_an_example():
     out = edgecomp("--help").stdout
     for cmd in (
         "compile",
+        "package",
         "run",
         "bench",
         "device",

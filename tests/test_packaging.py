@@ -42,9 +42,9 @@ def test_wheel_ships_code_and_data_under_edgecomp(tmp_path):
     assert sources <= names, f"modules missing from the wheel: {sorted(sources - names)}"
     assert "edgecomp/zoo/digits_cnn.onnx" in names
     for folder in ("targets", "deploy", "schedules"):
-        for f in (ROOT / folder).iterdir():
-            if f.is_file() and not f.name.startswith("."):
-                assert f"edgecomp/_data/{folder}/{f.name}" in names
+        for f in (ROOT / folder).rglob("*"):  # deploy/cpp, deploy/android/... too
+            if f.is_file() and not f.name.startswith(".") and "__pycache__" not in f.parts:
+                assert f"edgecomp/_data/{folder}/{f.relative_to(ROOT / folder)}" in names
     tops = {n.split("/")[0] for n in names}
     assert tops == {
         "edgecomp",

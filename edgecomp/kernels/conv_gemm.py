@@ -104,8 +104,7 @@ def schedule_conv_gemm_cpu(
             # Channel padding inside groups makes `out`'s index non-affine (TVM then fails its
             # region analysis): `out` runs after the whole GEMM instead.
             pass
-        if lanes > 1:
-            sch.vectorize(sch.split(sch.get_loops(write_back)[-1], [None, lanes])[1])
+        schedules.write_tile(sch, write_back, q_o, lanes)
     sch.unroll(q_i)
     sch.unroll(k_v)
     if lanes > 1:
@@ -141,17 +140,7 @@ def _write_tile_nhwc(
     except SCHEDULE_ERRORS:
         return
     sch.set_scope(block, 0, "local")
-    # Unroll the tile's columns so that the accumulators are read at constant indices and
-    # stay in registers.
-    loops = sch.get_loops(out_block)
-    tile_loops = loops[[sch.get(lp).same_as(sch.get(q_o)) for lp in loops].index(True) + 1 :]
-    for lp in tile_loops[:-1]:
-        sch.unroll(lp)
-    inner = loops[-1]
-    extent = sch.get(inner).extent
-    if lanes > 1 and isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
-        _, vec = sch.split(inner, [None, lanes])
-        sch.vectorize(vec)
+    schedules.write_tile(sch, out_block, q_o, lanes)
 
 
 def schedule_padding_cpu(sch: s_tir.Schedule, pad: s_tir.schedule.SBlockRV) -> None:

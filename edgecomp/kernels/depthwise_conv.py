@@ -157,8 +157,7 @@ def _schedule_nhwc(
     sch.unroll(o_v)
     if vec > 1:
         sch.vectorize(o_l)
-        wb_loops = sch.get_loops(write_back)
-        sch.vectorize(sch.split(wb_loops[-1], [None, vec])[1])
+    schedules.write_tile(sch, write_back, o_o, vec)
     init = sch.decompose_reduction(block, ri)
     if vec > 1:
         sch.vectorize(sch.get_loops(init)[-1])

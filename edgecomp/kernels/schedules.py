@@ -98,6 +98,26 @@ def _inline_side_chain(sch: s_tir.Schedule, consumers: list[SBlockRV]) -> bool:
     return False
 
 
+def write_tile(sch: s_tir.Schedule, block: SBlockRV, outer: LoopRV, lanes: int) -> None:
+    """Schedule the loops of ``block`` (a register tile's write-back) inside ``outer``: the
+    innermost split into whole vectors, every other loop unrolled. The accumulators are then
+    read at constant indices and stay in registers; one loop left rolled puts them all on the
+    stack (MobileNet v2's 1x1 24 -> 144 layer: 0.30 -> 0.25 ms)."""
+    loops = sch.get_loops(block)
+    at = [sch.get(lp).same_as(sch.get(outer)) for lp in loops]
+    tile = loops[at.index(True) + 1 :] if True in at else loops
+    if not tile:
+        return
+    inner = tile[-1]
+    extent = sch.get(inner).extent
+    if lanes > 1 and isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
+        vectors, vec = sch.split(inner, [None, lanes])
+        sch.vectorize(vec)
+        tile = [*tile[:-1], vectors]
+    for lp in tile:
+        sch.unroll(lp)
+
+
 def try_inline_producers(sch: s_tir.Schedule) -> None:
     """Inline every spatial block whose result feeds others (pads, reshapes, transposes)."""
     changed = True

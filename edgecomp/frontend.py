@@ -192,7 +192,7 @@ def inference_graph(mod: tvm.IRModule) -> tvm.IRModule:
     # Fold the scaled weights and shifts now: decomposition needs constant weights, and
     # ConvertLayout crashes on the scalar operands the folding leaves.
     mod = relax.transform.FoldConstant()(mod)
-    return RemoveDropout()(mod)
+    return RemoveDropout()(mod)  # type: ignore[operator]  # module_pass makes it callable
 
 
 def _output_specs(mod: tvm.IRModule, names: list[str]) -> list[TensorSpec]:

@@ -13,6 +13,8 @@ elementwise op.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -27,7 +29,7 @@ def _bound(value: object) -> float | None:
     return float(number) if isinstance(number, (int, float)) else None
 
 
-def _topi_binary(func: object) -> object:
+def _topi_binary(func: object) -> Callable[[relax.Expr, relax.Expr], relax.Expr] | None:
     """``relax.op.maximum`` / ``minimum`` when ``func`` is the one-block prim func that
     ``topi.maximum`` / ``topi.minimum`` make, else None."""
     if not isinstance(func, tirx.PrimFunc):

@@ -11,6 +11,7 @@ statistics drawn so that activations keep their scale.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -52,7 +53,7 @@ class GraphBuilder:
         like: str,
         channels: int | None = None,
         hw: tuple[int, int] | None = None,
-        **attrs: object,
+        **attrs: Any,
     ) -> str:
         """Append ``op``; its output has ``like``'s dims unless ``channels`` / ``hw`` say."""
         out = self._name(op)

@@ -1,0 +1,119 @@
+"""CP decomposition time and per-layer error: the old ALS against edgecomp's fast CP.
+
+AlexNet at ``flops=2x`` and VGG-19 at ``flops=3x`` (``edgecomp.models.light_model``, seeded
+He-normal weights), every layer ``DecomposeConv`` factorizes (AlexNet's grouped conv2 is two
+factorizations). The old algorithm is :func:`edgecomp.decompose.cp.cp_als_reference` (float64
+ALS from a random start, at most 300 sweeps); the new one is what ``edgecomp compile`` runs.
+The factor cache is off for both (a temporary ``EDGECOMP_CACHE``), so every factorization runs.
+
+Run:  PYTHONPATH=. .venv/bin/python bench/cp_speed.py [--which old new] [--models alexnet]
+Each algorithm's per-layer results go to bench/results/cp_speed_<model>_<algo>.json; once both
+exist, the comparison table is written to bench/results/cp_speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+POLICIES = {"alexnet": "flops=2x", "vgg19": "flops=3x"}
+
+
+def run(model_name: str, algo: str) -> list[dict]:
+    """Decompose ``model_name``'s convs with CP and record every factorization."""
+    os.environ["EDGECOMP_CACHE"] = tempfile.mkdtemp(prefix="edgecomp-cp-speed-")
+    import edgecomp.decompose.rank as rank_mod
+    from edgecomp.decompose.cp import cp_als_reference, cp_decompose
+    from edgecomp.frontend import import_onnx
+    from edgecomp.models import light_model
+    from edgecomp.passes.decompose_conv import decompose_conv
+
+    algorithm = cp_als_reference if algo == "old" else cp_decompose
+    calls: list[dict] = []
+
+    def timed(weight: np.ndarray, rank: int, **kw):  # noqa: ANN003, ANN202
+        start = time.perf_counter()
+        f = algorithm(weight, rank)
+        seconds = time.perf_counter() - start
+        calls.append(
+            {
+                "shape": list(weight.shape),
+                "rank": rank,
+                "error": f.error,
+                "seconds": seconds,
+            }
+        )
+        print(
+            f"  {algo} {model_name} {'x'.join(map(str, weight.shape))} rank {rank}: "
+            f"error {f.error:.4f}, {seconds:.1f} s",
+            flush=True,
+        )
+        return f
+
+    rank_mod.cp_decompose = timed  # type: ignore[assignment]
+    mod, _ = import_onnx(light_model(model_name, seed=0))
+    start = time.perf_counter()
+    decompose_conv(mod, "cp", POLICIES[model_name])
+    total = time.perf_counter() - start
+    print(f"{algo} {model_name}: {total:.1f} s in all", flush=True)
+    return calls
+
+
+def table() -> str:
+    lines = []
+    for model_name, policy in POLICIES.items():
+        files = {a: RESULTS / f"cp_speed_{model_name}_{a}.json" for a in ("old", "new")}
+        if not all(f.is_file() for f in files.values()):
+            continue
+        old, new = (json.loads(files[a].read_text()) for a in ("old", "new"))
+        lines += [
+            f"**{model_name}, CP at {policy}**",
+            "",
+            "| layer kernel | rank | old error | new error | old s | new s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for o, n in zip(old, new, strict=True):
+            lines.append(
+                f"| {'x'.join(map(str, o['shape']))} | {o['rank']} | {o['error']:.4f} "
+                f"| {n['error']:.4f} | {o['seconds']:.1f} | {n['seconds']:.1f} |"
+            )
+        t_old = sum(o["seconds"] for o in old)
+        t_new = sum(n["seconds"] for n in new)
+        worse = sum(n["error"] > o["error"] for o, n in zip(old, new, strict=True))
+        lines += [
+            f"| **total** | | | | **{t_old:.1f}** | **{t_new:.1f}** |",
+            "",
+            f"{t_old / t_new:.1f}x faster; layers where the new error is higher: {worse}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--which", nargs="+", default=["old", "new"], choices=["old", "new"])
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    RESULTS.mkdir(exist_ok=True)
+    for model_name in args.models:
+        for algo in args.which:
+            calls = run(model_name, algo)
+            out = RESULTS / f"cp_speed_{model_name}_{algo}.json"
+            out.write_text(json.dumps(calls, indent=1))
+    text = table()
+    if text:
+        (RESULTS / "cp_speed.md").write_text(text)
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -214,7 +214,7 @@ def _calib_samples(calib: np.ndarray, in_shape: tuple[int, ...] | None) -> list[
     )
 
 
-LayerCallback = Callable[[LayerRecord, int, int], None]
+LayerCallback = Callable[[LayerRecord | None, int, int], None]
 
 
 @dataclass
@@ -253,7 +253,8 @@ class DecomposeConv:
         its output on the calibration inputs matches the dense network's, layer by layer in
         network order (see :mod:`edgecomp.passes.refit`).
     on_layer : callable, optional
-        Called with (record, layers done, layers in all) as each layer is decided.
+        Called with (record, layers done, layers in all) as each layer is decided, and once
+        with record None before the first.
 
     Attributes
     ----------
@@ -298,6 +299,8 @@ class DecomposeConv:
             for _, f in mod.functions_items()
             if isinstance(f, relax.Function)
         )
+        if self.on_layer is not None:
+            self.on_layer(None, 0, total)
         rewriter = _Rewriter(mod, self, inputs, total)
         new = rewriter.run()
         if self.refit and self.calib is not None and has_main:

@@ -18,6 +18,7 @@ intermediate); their layers keep the policy's factors.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ from tvm.ir import IRModule
 from tvm.ir.expr import Constant
 
 from edgecomp.decompose import conv2d_nchw
+from edgecomp.progress import console
 
 if TYPE_CHECKING:
     from edgecomp.passes.decompose_conv import DecomposeConv, LayerRecord, _Plan
@@ -57,6 +59,7 @@ def refit_plans(
     shift = 0
     for i in sorted(plans):
         plan = plans[i]
+        start = time.perf_counter()
         if plan.method == "kronecker":
             done[i] = plan
             shift += _CHAIN_CANDIDATES["kronecker"] - 1
@@ -78,6 +81,10 @@ def refit_plans(
         has_bias = _has_constant_bias(main, call, bound)
         new_plan, errors = _refit(plan, x, target, has_bias)
         records[i].refit_error = errors
+        console.print(
+            f"  refit {records[i].name:8} output error {errors[0]:.4f} -> {errors[1]:.4f}"
+            f"  ({time.perf_counter() - start:.1f} s)"
+        )
         done[i] = new_plan
         shift += _CHAIN_CANDIDATES[plan.method] - 1
     return done

@@ -29,7 +29,13 @@ POLICIES = {"alexnet": "flops=2x", "vgg19": "flops=3x"}
 
 def run(model_name: str, algo: str) -> list[dict]:
     """Decompose ``model_name``'s convs with CP and record every factorization."""
-    os.environ["EDGECOMP_CACHE"] = tempfile.mkdtemp(prefix="edgecomp-cp-speed-")
+    # A fresh, empty cache, so that every factorization runs; CP_SPEED_CACHE names it (it must
+    # not exist yet) to keep the new factors for bench/compress_end_to_end.py.
+    keep = os.environ.get("CP_SPEED_CACHE")
+    if keep and Path(keep).exists():
+        raise SystemExit(f"CP_SPEED_CACHE={keep} exists; name a new folder")
+    os.environ["EDGECOMP_CACHE"] = keep or tempfile.mkdtemp(prefix="edgecomp-cp-speed-")
+    os.environ.pop("EDGECOMP_NO_FACTOR_CACHE", None)
     import edgecomp.decompose.rank as rank_mod
     from edgecomp.decompose.cp import cp_als_reference, cp_decompose
     from edgecomp.frontend import import_onnx

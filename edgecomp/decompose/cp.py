@@ -152,7 +152,7 @@ def _svd_start(w: np.ndarray, rank: int, seed: int) -> list[np.ndarray]:
 def cp_decompose(
     weight: np.ndarray,
     rank: int,
-    n_iter: int = 200,
+    n_iter: int = 150,
     seed: int = 0,
     tol: float = 1e-6,
     init: CPFactors | None = None,

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import tvm
 from helpers import assert_clean_error, edgecomp
 from onnx import TensorProto, helper, numpy_helper
 
@@ -86,7 +87,9 @@ def test_cache_returns_the_same_factors_without_factorizing_again(factor_cache, 
 
     monkeypatch.setattr("edgecomp.decompose.rank.cp_decompose", boom)
     again = factorize("cp", w, 10)
-    for a, b in zip((first.u, first.s, first.v, first.h), (again.u, again.s, again.v, again.h)):
+    for a, b in zip(
+        (first.u, first.s, first.v, first.h), (again.u, again.s, again.v, again.h), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     assert again.error == first.error
     assert clear_factor_cache()[0] == 1 and not list(factor_cache.glob("*.npz"))
@@ -162,8 +165,8 @@ def test_svd_of_fc_layers_is_exact_at_full_rank_through_the_pipeline():
     ]
     x = np.random.default_rng(1).standard_normal((1, 96)).astype(np.float32)
     (want,) = onnxruntime_outputs(model.SerializeToString(), {"x": x})
-    vm = __import__("tvm").relax.VirtualMachine(build(new, load_board("host")), __import__("tvm").cpu())
-    got = vm["main"](__import__("tvm").runtime.tensor(x)).numpy()
+    vm = tvm.relax.VirtualMachine(build(new, load_board("host")), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
     assert rel(got, want) < 1e-5
 
 
@@ -190,9 +193,9 @@ def two_conv_model(seed: int = 0) -> onnx.ModelProto:
     """Conv 16->24 (3x3) -> Relu -> Conv 24->24 (3x3) on 1 x 16 x 10 x 10, both with bias."""
     rng = np.random.default_rng(seed)
     inits = [
-        numpy_helper.from_array((rng.standard_normal((24, 16, 3, 3)) * 0.1).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((24, 16, 3, 3)) * 0.1).astype("f4"), "w1"),
         numpy_helper.from_array(rng.standard_normal(24).astype(np.float32) * 0.1, "b1"),
-        numpy_helper.from_array((rng.standard_normal((24, 24, 3, 3)) * 0.1).astype(np.float32), "w2"),
+        numpy_helper.from_array((rng.standard_normal((24, 24, 3, 3)) * 0.1).astype("f4"), "w2"),
         numpy_helper.from_array(rng.standard_normal(24).astype(np.float32) * 0.1, "b2"),
     ]
     nodes = [
@@ -227,7 +230,6 @@ def test_refit_lowers_every_layer_output_error_and_never_raises_it(method):
     plain, _ = decompose_conv(mod, method, "flops=3x")
     x = np.random.default_rng(6).standard_normal((1, 16, 10, 10)).astype(np.float32)
     (want,) = onnxruntime_outputs(model.SerializeToString(), {"x": x})
-    tvm = __import__("tvm")
 
     def run(m):  # noqa: ANN001, ANN202
         vm = tvm.relax.VirtualMachine(build(m, load_board("host")), tvm.cpu())

@@ -99,7 +99,7 @@ def _write(path: Path, meta: str, factors: object) -> None:
     only cost the next compile the factorization."""
     if not is_dataclass(factors):
         return
-    arrays = {f.name: np.asarray(getattr(factors, f.name)) for f in fields(factors)}
+    arrays: dict[str, Any] = {f.name: np.asarray(getattr(factors, f.name)) for f in fields(factors)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:

@@ -86,13 +86,13 @@ class _Sweeper:
         k, c, kh, kw = w.shape
         self.shape = (k, c, kh, kw)
         self.dtype = dtype
-        w32 = w.astype(dtype)
+        w32: np.ndarray = w.astype(dtype)
         self.w0 = np.ascontiguousarray(w32.reshape(k, c * kh * kw))  # mode 0 unfolding
         self.w1 = np.ascontiguousarray(w32.transpose(1, 0, 2, 3).reshape(c, k * kh * kw))
         self.norm2 = float(np.sum(w * w))
 
     def mttkrp_u(self, s: np.ndarray, v: np.ndarray, h: np.ndarray) -> np.ndarray:
-        kr = _khatri_rao(s, _khatri_rao(v, h)).astype(self.dtype)
+        kr: np.ndarray = _khatri_rao(s, _khatri_rao(v, h)).astype(self.dtype)
         return (self.w0 @ kr).astype(np.float64)
 
     def sweep(
@@ -106,7 +106,7 @@ class _Sweeper:
             m0 = self.mttkrp_u(s, v, h)
         u = _solve(g[1] * g[2] * g[3], m0)
         g[0] = u.T @ u
-        kr = _khatri_rao(u, _khatri_rao(v, h)).astype(self.dtype)
+        kr: np.ndarray = _khatri_rao(u, _khatri_rao(v, h)).astype(self.dtype)
         s = _solve(g[0] * g[2] * g[3], (self.w1 @ kr).astype(np.float64))
         g[1] = s.T @ s
         # V and H share one contraction: q[r, i, j] = sum_kc U[k, r] S[c, r] W[k, c, i, j].

@@ -418,6 +418,7 @@ class _Rewriter(PyExprMutator):
             out = relax.op.matmul(y, relax.const(np.ascontiguousarray(f.b)))
         else:
             emit = {"cp": self._cp, "tucker": self._tucker, "kronecker": self._gkpd}[plan.method]
+            assert plan.geom is not None  # a conv plan
             out = emit(data, plan.geom, plan.factors)
         if plan.bias_delta is not None:
             out = self.builder_.emit(out)

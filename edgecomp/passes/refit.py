@@ -162,6 +162,7 @@ def _inner(plan: _Plan, f, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # n
     if plan.kind == "fc":
         return x.astype(np.float64) @ f.a, f.b.astype(np.float64)
     g = plan.geom
+    assert g is not None  # a conv plan
     conv = (g.strides, g.padding, g.dilation)
     if plan.method == "cp":  # S, V, H as one rank-R conv: G[r, c, i, j] = S[c, r] V[i, r] H[j, r]
         kernel = np.einsum("cr,ir,jr->rcij", f.s, f.v, f.h)

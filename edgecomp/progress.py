@@ -69,7 +69,7 @@ def layer_progress(what: str) -> Iterator[Callable[[object | None, int, int], No
         if progress is not None and task is not None:
             progress.update(task, total=total, completed=done)
         if record is not None:
-            console.print(f"  [{done}/{total}] {layer_line(record)}")
+            console.print(f"  [{done}/{total}] {layer_line(record)}", soft_wrap=True)
 
     try:
         yield on_layer

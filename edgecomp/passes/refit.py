@@ -83,7 +83,8 @@ def refit_plans(
         records[i].refit_error = errors
         console.print(
             f"  refit {records[i].name:8} output error {errors[0]:.4f} -> {errors[1]:.4f}"
-            f"  ({time.perf_counter() - start:.1f} s)"
+            f"  ({time.perf_counter() - start:.1f} s)",
+            soft_wrap=True,
         )
         done[i] = new_plan
         shift += _CHAIN_CANDIDATES[plan.method] - 1

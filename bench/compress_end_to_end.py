@@ -29,7 +29,7 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from end_to_end import best_of, ort_session  # noqa: E402
+from end_to_end import best_of, decompose_to, ort_session  # noqa: E402
 
 from edgecomp.analyze import weight_bytes  # noqa: E402
 from edgecomp.frontend import import_onnx  # noqa: E402
@@ -54,6 +54,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["alexnet", "vgg19"])
     parser.add_argument("--policy", default="flops=3x")
     parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument(
+        "--model-ratio",
+        type=float,
+        default=0.0,
+        help="decompose the convs to this reduction of the whole model's conv FLOPs (the "
+        "per-layer target raised for the layers that stay dense, as bench/end_to_end.py does); "
+        "fully connected layers still get --policy",
+    )
     args = parser.parse_args()
     target = load_board("host").tvm_target()
     rows = []
@@ -66,7 +74,16 @@ def main() -> None:
         mod, _ = import_onnx(model)
         start = time.perf_counter()
         with layer_progress(f"{name}: decomposing (cp, {args.policy}, fc too)") as on_layer:
-            new, report = decompose_conv(mod, "cp", args.policy, fc=True, on_layer=on_layer)
+            conv_ratio = 0.0
+            if args.model_ratio:
+                # Convs first, to the model-level ratio; then the fc layers (the second pass
+                # leaves the chains' own 1x1 and depthwise convs alone).
+                convs_done, conv_ratio = decompose_to(mod, "cp", args.model_ratio)
+                new, report = decompose_conv(
+                    convs_done, "cp", args.policy, fc=True, on_layer=on_layer
+                )
+            else:
+                new, report = decompose_conv(mod, "cp", args.policy, fc=True, on_layer=on_layer)
         seconds = time.perf_counter() - start
         convs = [r for r in report if r.kind == "conv"]
         fcs = [r for r in report if r.kind == "fc"]
@@ -92,7 +109,7 @@ def main() -> None:
         )
         row = {
             "model": name,
-            "conv_flops_x": ratio(convs),
+            "conv_flops_x": conv_ratio or ratio(convs),
             "fc_flops_x": ratio(fcs),
             "weights_mb": (weight_bytes(mod) / 1e6, weight_bytes(new) / 1e6),
             "so_mb": (so_bytes(dense_ex) / 1e6, so_bytes(ex) / 1e6),

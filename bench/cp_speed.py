@@ -88,8 +88,9 @@ def table() -> str:
             "| layer kernel (per group) | rank | old error | new error | old s | new s |",
             "|---|---|---|---|---|---|",
         ]
+        by_index = {o.get("index", i): o for i, o in enumerate(old)}
         for i, n in enumerate(new):
-            o = old[i] if i < len(old) else None
+            o = by_index.get(i)
             old_err = f"{o['error']:.4f}" if o else "not run"
             old_s = f"{o['seconds']:.1f}" if o else "not run"
             lines.append(
@@ -97,9 +98,17 @@ def table() -> str:
                 f"| {n['error']:.4f} | {old_s} | {n['seconds']:.1f} |"
             )
         t_new = sum(n["seconds"] for n in new)
+        t_old = sum(o["seconds"] for o in old)
+        t_same = sum(new[i]["seconds"] for i in by_index)
         lines += [f"| **total** | | | | | **{t_new:.1f}** |", ""]
         if old:
-            both = list(zip(old, new, strict=False))
+            lines += [
+                f"On the layers both ran: old {t_old:.1f} s, new {t_same:.1f} s "
+                f"({t_old / max(t_same, 1e-9):.1f}x).",
+                "",
+            ]
+        if old:
+            both = [(o, new[i]) for i, o in by_index.items()]
             worse = sum(n["error"] > o["error"] for o, n in both)
             lines += [
                 f"Layers compared: {len(both)}; where the new error is higher: {worse}.",

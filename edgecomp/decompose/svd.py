@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from edgecomp.decompose.norms import relative_error
 from edgecomp.errors import EdgecompError
 
-SMALL = 1 << 22  # weights up to this many elements get an exact float64 SVD
+SMALL = 1 << 20  # weights up to this many elements get an exact float64 SVD
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,9 @@ def fc_max_rank(shape: tuple[int, ...]) -> int:
 def svd_spectrum(weight: np.ndarray) -> np.ndarray:
     """Relative error at every rank ``0..min(shape)``, from the singular values alone."""
     w32 = np.asarray(weight, dtype=np.float32)
-    small = w32.T @ w32 if w32.shape[0] >= w32.shape[1] else w32 @ w32.T
-    energy = np.sort(np.maximum(np.linalg.eigvalsh(small.astype(np.float64)), 0.0))[::-1]
+    with threadpool_limits(1):
+        small = w32.T @ w32 if w32.shape[0] >= w32.shape[1] else w32 @ w32.T
+        energy = np.sort(np.maximum(np.linalg.eigvalsh(small.astype(np.float64)), 0.0))[::-1]
     tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
     return np.sqrt(tail / max(float(tail[0]), 1e-300))
 
@@ -75,18 +77,21 @@ def svd_decompose(weight: np.ndarray, rank: int) -> LowRankFactors:
         )
     if weight.size <= SMALL:
         w = weight.astype(np.float64)
-        left, sing, right = np.linalg.svd(w, full_matrices=False)
+        with threadpool_limits(1):
+            left, sing, right = np.linalg.svd(w, full_matrices=False)
         root = np.sqrt(sing[:rank])
         a = (left[:, :rank] * root).astype(np.float32)
         b = (root[:, None] * right[:rank]).astype(np.float32)
         return LowRankFactors(a, b, relative_error(a @ b, w))
     # Large layers (AlexNet's fc6 is 9216 x 4096): the eigenvectors of the smaller Gram
-    # matrix (a float32 GEMM, then a float64 eigh) instead of a full SVD, about 10x faster;
-    # the error follows from the eigenvalues.
+    # matrix (a float32 GEMM and eigh, one BLAS thread) instead of a full SVD, about 10x
+    # faster; the error follows from the eigenvalues.
     w32 = np.ascontiguousarray(weight, dtype=np.float32)
     tall = w32.shape[0] >= w32.shape[1]
-    gram = (w32.T @ w32 if tall else w32 @ w32.T).astype(np.float64)
-    eig, vecs = np.linalg.eigh(gram)
+    with threadpool_limits(1):  # spinning BLAS threads on a busy machine cost 2x here
+        gram = w32.T @ w32 if tall else w32 @ w32.T
+        eig32, vecs = np.linalg.eigh(gram)  # float32: 2x faster, the subspace is what matters
+    eig = eig32.astype(np.float64)
     eig, vecs = np.maximum(eig[::-1], 0.0), vecs[:, ::-1]
     root = np.sqrt(np.sqrt(np.maximum(eig[:rank], 1e-300)))  # sqrt of the singular values
     top_vecs = vecs[:, :rank].astype(np.float32)

@@ -30,6 +30,10 @@ class DecomposeOptions:
     # Fuse factor chains into one kernel each (T1000): "auto" where that lowers the planned
     # peak, "all", or "none" (separate ops); see edgecomp.pipeline.lower.
     refuse: str = "auto"
+    # Also factorize fully connected layers (Gemm / MatMul with a constant weight).
+    fc: bool = True
+    # With calib: refit each decomposed layer's last factor and bias (edgecomp.passes.refit).
+    refit: bool = True
 
     def to_json(self) -> dict[str, Any]:
         """The options as recorded in the manifest."""
@@ -37,8 +41,45 @@ class DecomposeOptions:
             "decompose": self.method,
             "rank_policy": self.policy,
             "calibrated": self.calib is not None,
+            "refit": self.refit and self.calib is not None,
+            "decompose_fc": self.fc,
             "refuse": self.refuse,
         }
+
+
+def decompose_model(mod: tvm.IRModule, options: DecomposeOptions) -> tuple[tvm.IRModule, list[Any]]:
+    """Decompose ``mod`` as ``options`` ask, with a line per layer as it goes; return the new
+    module and the per-layer records (:class:`edgecomp.passes.decompose_conv.LayerRecord`)."""
+    from edgecomp.passes.decompose_conv import decompose_conv
+    from edgecomp.progress import layer_progress
+
+    what = "convolutions and fully connected layers" if options.fc else "convolutions"
+    with layer_progress(f"decomposing {what} ({options.method}, {options.policy})") as on_layer:
+        return decompose_conv(
+            mod,
+            options.method,
+            options.policy,
+            calib=options.calib,
+            fc=options.fc,
+            refit=options.refit and options.calib is not None,
+            on_layer=on_layer,
+        )
+
+
+def check_some_layer_decomposed(layers: list[Any], policy: str, fc: bool = True) -> None:
+    """Raise when the policy left every layer dense, saying which and why."""
+    if not layers:
+        what = "convolution or fully connected layer" if fc else "convolution"
+        raise EdgecompError(
+            f"--decompose: the model has no {what} with a constant weight to decompose"
+            + ("" if fc else " (fully connected layers are off: --no-decompose-fc)")
+        )
+    if all(r.skipped is not None for r in layers):
+        why = "; ".join(f"{r.name}: {r.skipped}" for r in layers)
+        raise EdgecompError(
+            f"--rank-policy {policy}: no layer can meet it, all stay dense ({why}); "
+            "try a smaller reduction or a larger error budget"
+        )
 
 
 def build(
@@ -97,18 +138,34 @@ def compile_model(
     with step("importing the ONNX model"):
         mod, signature = import_onnx(model, input_shapes)
     options: dict[str, Any] = {}
-    if decompose is not None:
-        from edgecomp.passes.decompose_conv import decompose_conv
+    from edgecomp.analyze import weight_bytes
 
-        with step(f"decomposing convolutions ({decompose.method}, {decompose.policy})"):
-            mod, layers = decompose_conv(
-                mod, decompose.method, decompose.policy, calib=decompose.calib
-            )
+    before = weight_bytes(mod)
+    if decompose is not None:
+        mod, layers = decompose_model(mod, decompose)
+        check_some_layer_decomposed(layers, decompose.policy, decompose.fc)
         options.update(decompose.to_json())
         options["layers"] = [
-            {"layer": r.name, "rank": r.rank, "weight_error": r.weight_error, "kept": r.skipped}
+            {
+                "layer": r.name,
+                "kind": r.kind,
+                "rank": r.rank,
+                "weight_error": r.weight_error,
+                "refit_error": r.refit_error,
+                "kept": r.skipped,
+            }
             for r in layers
         ]
+    after = weight_bytes(mod)
+    options["weight_bytes"] = {"before": before, "after": after}
+    console.print(
+        f"weights: {before / 1e6:.1f} MB"
+        + (
+            f" -> {after / 1e6:.1f} MB ({before / max(after, 1):.2f}x smaller)"
+            if decompose is not None
+            else ""
+        )
+    )
     from edgecomp.pipeline import lower
     from edgecomp.report import REPORT_FILE, memory_report
 

@@ -28,9 +28,11 @@ def _decompose_options(args: argparse.Namespace):  # noqa: ANN202 - DecomposeOpt
 
     if args.decompose is None:
         refuse = getattr(args, "refuse", None)
-        if args.rank_policy is not None or args.calib is not None or refuse is not None:
+        asked = args.rank_policy, args.calib, refuse, args.decompose_fc, args.refit
+        if any(a is not None for a in asked):
             raise EdgecompError(
-                "--rank-policy, --calib and --refuse need --decompose {cp,tucker,kronecker}"
+                "--rank-policy, --calib, --refuse, --[no-]decompose-fc and --[no-]refit need"
+                " --decompose {cp,tucker,kronecker}"
             )
         return None
     calib = None
@@ -46,6 +48,8 @@ def _decompose_options(args: argparse.Namespace):  # noqa: ANN202 - DecomposeOpt
         args.rank_policy or "flops=2x",
         calib,
         refuse=getattr(args, "refuse", None) or "auto",
+        fc=args.decompose_fc is not False,
+        refit=args.refit is not False,
     )
 
 
@@ -62,9 +66,15 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         weights=args.weights,
     )
     size = package.manifest["files"]["model.so"]["bytes"]
+    weights = package.manifest.get("options", {}).get("weight_bytes", {})
+    shrink = (
+        f", weights {weights['before'] / 1e6:.1f} -> {weights['after'] / 1e6:.1f} MB"
+        if weights and weights["before"] != weights["after"]
+        else ""
+    )
     print(
         f"{package.path}/model.so  ({size / 1e6:.1f} MB, {package.arch},"
-        f" board {package.manifest['board']})"
+        f" board {package.manifest['board']}{shrink})"
     )
     if package.weights_file is not None:
         size = package.manifest["files"][package.weights_file.name]["bytes"]
@@ -96,8 +106,25 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         options.policy,
         calib=options.calib,
         input_shapes=parse_input_shapes(args.input_shape),
+        fc=options.fc,
+        refit=options.refit,
     )
     print(format_table(report))
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from edgecomp.decompose.cache import clear_factor_cache, factor_cache_dir
+
+    if args.action == "clear":
+        count, size = clear_factor_cache()
+        print(
+            f"removed {count} cached factorizations ({size / 1e6:.1f} MB) from {factor_cache_dir()}"
+        )
+    else:
+        entries = list(factor_cache_dir().glob("*.npz")) if factor_cache_dir().is_dir() else []
+        size = sum(e.stat().st_size for e in entries)
+        print(f"{factor_cache_dir()}: {len(entries)} cached factorizations, {size / 1e6:.1f} MB")
     return 0
 
 
@@ -256,7 +283,25 @@ def _add_decompose(p: argparse.ArgumentParser) -> None:
         help="rank=R | params=3x | flops=2x | error=0.05 | output=0.05 (default flops=2x)",
     )
     g.add_argument(
-        "--calib", metavar="FILE.npy", help="calibration inputs (batch of the model's input)"
+        "--calib",
+        metavar="FILE.npy",
+        help="calibration inputs (batch of the model's input): per-layer output errors, and"
+        " the refit of each decomposed layer's last factor and bias (see --no-refit)",
+    )
+    g.add_argument(
+        "--decompose-fc",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also factorize fully connected layers (Gemm / MatMul with a constant weight) by"
+        " truncated SVD under the same rank policy (default on; --no-decompose-fc keeps them"
+        " dense)",
+    )
+    g.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --calib: refit each decomposed layer's last factor and bias by least squares"
+        " to the dense network's outputs (default on)",
     )
 
 
@@ -370,6 +415,14 @@ def _parser() -> argparse.ArgumentParser:
         help="static shape for a dynamic input",
     )
     _add_decompose(p)
+
+    p = sub(
+        "cache",
+        _cmd_cache,
+        "show or clear the cache of factorizations ($EDGECOMP_CACHE/factors)",
+        "edgecomp cache\nedgecomp cache clear",
+    )
+    p.add_argument("action", nargs="?", choices=["show", "clear"], default="show")
 
     p = sub(
         "run",

@@ -20,3 +20,10 @@ def emulated_rasp4b():
     start_emulated_device(load_board("rasp4b"), port=port)
     yield f"127.0.0.1:{port}"
     stop_emulated_devices(port)
+
+
+@pytest.fixture(autouse=True)
+def _no_factor_cache(monkeypatch):
+    """Tests factorize afresh: the factor cache (``$EDGECOMP_CACHE/factors``) stays out of them,
+    but for the cache's own tests, which point ``EDGECOMP_CACHE`` at a temporary folder."""
+    monkeypatch.setenv("EDGECOMP_NO_FACTOR_CACHE", "1")

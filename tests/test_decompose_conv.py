@@ -286,12 +286,14 @@ def test_analyze_prints_the_table_with_output_errors(tmp_path):
         str(tmp_path / "calib.npy"),
     )
     assert result.returncode == 0, result.stderr
-    header, _, row, total = result.stdout.strip().splitlines()
+    header, _, row, total, weights = result.stdout.strip().splitlines()
     assert header.split()[:4] == ["layer", "kernel", "input", "rank"] and "output" in header
     assert row.startswith("conv0  24x16x3x3  16x12x12")
-    weight_err, output_err = (float(v) for v in row.split()[-2:])
-    assert 0 < output_err < 1 and 0 < weight_err < 1
+    weight_err, output_err, refit_err = (float(v) for v in row.split()[-3:])
+    assert 0 < output_err < 1 and 0 < weight_err < 1 and refit_err <= output_err
     assert total.startswith("tucker: 1 of 1 convolutions decomposed") and "(2.26x)" in total
+    assert weights.startswith("model weights: ") and "x smaller" in weights
+    assert "[1/1] conv0" in result.stderr  # the per-layer progress line
 
 
 @pytest.mark.parametrize(
@@ -366,5 +368,5 @@ def test_decomposition_flags_need_decompose(tmp_path):
     result = edgecomp(
         "compile", str(path), "--target", "host", "-o", str(tmp_path / "p"), "--refuse", "all"
     )
-    assert_clean_error(result, "--refuse need --decompose {cp,tucker,kronecker}")
+    assert_clean_error(result, "need --decompose {cp,tucker,kronecker}")
     assert not (tmp_path / "p").exists()

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgecomp.decompose.cp import cp_decompose, cp_max_rank
+from edgecomp.decompose.cache import cached_factorization
+from edgecomp.decompose.cp import ALGORITHM_VERSION, cp_decompose, cp_max_rank
 from edgecomp.decompose.kronecker import (
     Shape4,
     candidate_shapes,
@@ -28,6 +29,7 @@ from edgecomp.decompose.kronecker import (
     kronecker_spectrum,
 )
 from edgecomp.decompose.norms import relative_error
+from edgecomp.decompose.svd import LowRankFactors, fc_max_rank, svd_decompose, svd_spectrum
 from edgecomp.decompose.tucker import tucker2_decompose
 from edgecomp.errors import EdgecompError
 
@@ -167,13 +169,75 @@ def max_rank(method: str, w_shape: Shape4) -> int:
 
 
 def factorize(method: str, weight: np.ndarray, rank: int, shapes=None):  # noqa: ANN001, ANN201
-    """The factors of ``weight`` at ``rank`` (CPFactors, TuckerFactors or KroneckerFactors;
-    GKPD also needs its factor ``shapes``)."""
-    if method == "cp":
-        return cp_decompose(weight, rank)
-    if method == "tucker":
-        return tucker2_decompose(weight, tucker_ranks(weight.shape, rank))  # type: ignore[arg-type]
-    return kronecker_decompose(weight, rank, shapes)
+    """The factors of ``weight`` at ``rank`` (CPFactors, TuckerFactors, KroneckerFactors, or
+    LowRankFactors for ``method="svd"`` on a fully connected weight; GKPD also needs its factor
+    ``shapes``), from the factor cache when it has them (:mod:`edgecomp.decompose.cache`)."""
+    request = {
+        "method": method,
+        "rank": int(rank),
+        "shapes": None if shapes is None else [list(map(int, s)) for s in shapes],
+        "version": ALGORITHM_VERSION if method == "cp" else 1,
+    }
+
+    def compute():  # noqa: ANN202
+        if method == "cp":
+            return cp_decompose(weight, rank)
+        if method == "svd":
+            return svd_decompose(weight, rank)
+        if method == "tucker":
+            return tucker2_decompose(weight, tucker_ranks(weight.shape, rank))  # type: ignore[arg-type]
+        return kronecker_decompose(weight, rank, shapes)
+
+    return cached_factorization(weight, request, compute)
+
+
+def fc_cost(shape: tuple[int, int], rank: int | None = None) -> tuple[int, int]:
+    """(params, multiply-adds per input row) of a ``[N_in, N_out]`` fully connected layer,
+    dense (``rank=None``) or as two thinner layers of rank R; bias excluded."""
+    n_in, n_out = shape
+    cost = n_in * n_out if rank is None else rank * (n_in + n_out)
+    return cost, cost
+
+
+def choose_fc_rank(
+    policy: RankPolicy, weight: np.ndarray, calib_inputs: np.ndarray | None = None
+) -> tuple[int, LowRankFactors | None]:
+    """The rank ``policy`` gives a fully connected weight ``[N_in, N_out]``, and its factors.
+
+    ``(0, None)`` when no rank meets the policy with a saving. The error policies read the
+    error at every rank off one spectrum; ``output=e`` measures ``x @ W`` on the layer's
+    calibration inputs ``x [N, N_in]`` (the spectrum of ``x @ W`` bounds it from below).
+    """
+    top = fc_max_rank(weight.shape)
+    dense = fc_cost(weight.shape)[0]
+    if policy.kind == "rank":
+        if policy.value == float("inf"):
+            return top, factorize("svd", weight, top)
+        if policy.value > top:
+            raise EdgecompError(
+                f"--rank-policy rank={int(policy.value)} exceeds the full rank {top} of the "
+                f"fully connected weight {weight.shape}; allowed 1..{top}"
+            )
+        return int(policy.value), factorize("svd", weight, int(policy.value))
+    useful = [r for r in range(1, top + 1) if fc_cost(weight.shape, r)[0] < dense]
+    if not useful:
+        return 0, None
+    if policy.kind in ("params", "flops"):
+        ok = [r for r in useful if fc_cost(weight.shape, r)[0] * policy.value <= dense]
+        return (ok[-1], factorize("svd", weight, ok[-1])) if ok else (0, None)
+    if policy.kind == "error":
+        spectrum = svd_spectrum(weight)
+        under = [r for r in useful if spectrum[r] <= policy.value]
+        return (under[0], factorize("svd", weight, under[0])) if under else (0, None)
+    if calib_inputs is None:
+        raise EdgecompError("--rank-policy output=... needs calibration inputs (--calib FILE.npy)")
+    x = calib_inputs.reshape(-1, weight.shape[0]).astype(np.float64)
+    ref = x @ weight
+
+    def measure(f) -> float:  # noqa: ANN001
+        return relative_error(x @ f.weight(), ref)
+
+    return _smallest_rank(lambda r: factorize("svd", weight, r), measure, policy.value, useful[-1])
 
 
 def conv2d_nchw(
@@ -271,7 +335,7 @@ def _choose_kronecker(policy: RankPolicy, weight: np.ndarray, geom: ConvGeom):  
     if best is None:
         return 0, None
     _, rank, shapes = best
-    return rank, kronecker_decompose(weight, rank, shapes)
+    return rank, factorize("kronecker", weight, rank, shapes)
 
 
 def _rank_for(policy, method, weight, geom, calib_inputs, shapes):  # noqa: ANN001, ANN202

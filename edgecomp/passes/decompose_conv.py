@@ -19,6 +19,8 @@ in :attr:`DecomposeConv.report`.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,12 +41,15 @@ from edgecomp.decompose import (
     parse_policy,
 )
 from edgecomp.decompose.norms import relative_error
-from edgecomp.decompose.rank import factorize, tucker_ranks
+from edgecomp.decompose.rank import choose_fc_rank, factorize, fc_cost, tucker_ranks
 from edgecomp.errors import EdgecompError
 
 # Below this many input or output channels a chain's extra ops and memory traffic outweigh
 # the saving (a first layer on a 1- or 3-channel image is the usual case).
 MIN_CHANNELS = 8
+# A fully connected layer with fewer inputs or outputs (a 10-class head) costs little and holds
+# the decision itself: factorizing it saves next to nothing and costs accuracy.
+MIN_FC = 32
 
 
 @dataclass
@@ -52,9 +57,9 @@ class LayerRecord:
     """What DecomposeConv did to one conv layer (``rank`` 0 and ``skipped`` set when left dense)."""
 
     name: str
-    weight_shape: tuple[int, int, int, int]
+    weight_shape: tuple[int, ...]  # OIHW for a conv, [N_in, N_out] for a fully connected layer
     input_shape: tuple[int, ...]
-    method: str
+    method: str  # cp / tucker / kronecker for a conv, svd for a fully connected layer
     rank: int | tuple[int, int] = 0
     params_before: int = 0
     params_after: int = 0
@@ -64,6 +69,16 @@ class LayerRecord:
     output_error: float | None = None
     skipped: str | None = None
     factor_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # GKPD: A and B
+    kind: str = "conv"  # or "fc" (Gemm / MatMul with a constant weight)
+    seconds: float = 0.0  # time spent choosing the rank and factorizing
+    refit_error: tuple[float, float] | None = None  # output error before / after --calib refit
+
+
+def _no_rank_reason(policy: RankPolicy) -> str:
+    """Why a layer stays dense when the policy finds no rank for it."""
+    if policy.kind in ("error", "output"):
+        return f"no rank meets {policy} with a FLOP saving (the budget needs more terms)"
+    return f"no rank meets {policy} with a FLOP saving"
 
 
 def _ints(xs) -> tuple[int, ...]:  # noqa: ANN001 - an Array of IntImm
@@ -79,6 +94,36 @@ def _is_dense_candidate(call: relax.Expr) -> bool:
     )
 
 
+def _fc_weight(
+    call: relax.Expr, lookup: Callable[[relax.Expr], relax.Expr | None]
+) -> np.ndarray | None:
+    """The ``[N_in, N_out]`` weight of a fully connected layer: a ``matmul`` of a 2-D input by a
+    2-D constant, or by the transpose of one (how ONNX ``Gemm`` with ``transB=1`` imports);
+    ``lookup`` maps a variable to the value bound to it."""
+    if not (isinstance(call, relax.Call) and call.op == tvm.ir.Op.get("relax.matmul")):
+        return None
+    rhs = call.args[1]
+    if isinstance(rhs, Constant):
+        w = rhs.value.numpy()
+        return w if w.ndim == 2 else None
+    bound = lookup(rhs) if isinstance(rhs, relax.Var) else None
+    if (
+        isinstance(bound, relax.Call)
+        and bound.op == tvm.ir.Op.get("relax.permute_dims")
+        and isinstance(bound.args[0], Constant)
+    ):
+        w = bound.args[0].value.numpy()
+        axes = bound.attrs.axes
+        if w.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
+            return np.ascontiguousarray(w.T)
+    return None
+
+
+def _is_fc_candidate(call: relax.Expr, lookup: Callable[[relax.Expr], relax.Expr | None]) -> bool:
+    shape = _static_shape(call.args[0]) if isinstance(call, relax.Call) and call.args else None
+    return shape is not None and len(shape) == 2 and _fc_weight(call, lookup) is not None
+
+
 def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
     ty = expr.ty
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
@@ -89,20 +134,29 @@ def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
         return None
 
 
-def _conv_candidates(func: relax.Function) -> list[relax.Call]:
-    """Candidate conv calls of ``func`` in binding order (the order the mutator sees them)."""
+def _candidates(func: relax.Function, fc: bool) -> list[relax.Call]:
+    """Candidate conv (and, with ``fc``, fully connected) calls of ``func`` in binding order
+    (the order the mutator sees them)."""
     calls = []
     if isinstance(func.body, relax.SeqExpr):
+        bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
         for block in func.body.blocks:
-            calls += [b.value for b in block.bindings if _is_dense_candidate(b.value)]
+            calls += [
+                b.value
+                for b in block.bindings
+                if _is_dense_candidate(b.value) or (fc and _is_fc_candidate(b.value, bound.get))
+            ]
     return calls
 
 
-def conv_layer_inputs(mod: IRModule, calib: np.ndarray) -> list[np.ndarray]:
-    """The input of every candidate conv of ``main`` for each calibration sample.
+def layer_inputs(
+    mod: IRModule, calib: np.ndarray, fc: bool = False, outputs: bool = False
+) -> list[np.ndarray]:
+    """The input of every candidate layer of ``main`` for each calibration sample.
 
-    Compiles a copy of ``main`` that returns those inputs, for the host, and runs it on the VM.
-    Returns one array ``[N, C, H, W]`` per conv, in binding order.
+    Compiles a copy of ``main`` that returns those inputs (or, with ``outputs``, the layers'
+    outputs, before any bias), for the host, and runs it on the VM. Returns one array
+    ``[N, ...]`` per layer, in binding order.
     """
     main = mod["main"]
     params = list(main.params)
@@ -113,20 +167,33 @@ def conv_layer_inputs(mod: IRModule, calib: np.ndarray) -> list[np.ndarray]:
     in_shape = _static_shape(params[0])
     samples = _calib_samples(calib, in_shape)
     flat = relax.transform.ToNonDataflow()(IRModule({"main": main}))["main"]
-    convs = _conv_candidates(flat)
-    if not convs:
+    calls = _candidates(flat, fc)
+    if not calls:
         return []
+    wanted = calls if outputs else [c.args[0] for c in calls]
+    if outputs:  # the calls are bound to variables: return those
+        by_value = {
+            b.value: b.var
+            for block in flat.body.blocks
+            for b in block.bindings  # type: ignore[attr-defined]
+        }
+        wanted = [by_value[c] for c in calls]
     body = relax.BlockBuilder().normalize(
-        relax.SeqExpr(flat.body.blocks, relax.Tuple([c.args[0] for c in convs]))
+        relax.SeqExpr(flat.body.blocks, relax.Tuple(wanted))  # type: ignore[attr-defined]
     )
     probe = IRModule({"main": relax.Function(flat.params, body)})
     vm = relax.VirtualMachine(tvm.compile(probe, target=tvm.target.Target("llvm")), tvm.cpu())
-    outs: list[list[np.ndarray]] = [[] for _ in convs]
+    outs: list[list[np.ndarray]] = [[] for _ in calls]
     for x in samples:
         res = vm["main"](tvm.runtime.tensor(x))
         for i, r in enumerate(res):
             outs[i].append(r.numpy())
     return [np.concatenate(o, axis=0) for o in outs]
+
+
+def conv_layer_inputs(mod: IRModule, calib: np.ndarray) -> list[np.ndarray]:
+    """The input of every candidate conv of ``main`` (:func:`layer_inputs` without fc layers)."""
+    return layer_inputs(mod, calib)
 
 
 def _calib_samples(calib: np.ndarray, in_shape: tuple[int, ...] | None) -> list[np.ndarray]:
@@ -147,26 +214,52 @@ def _calib_samples(calib: np.ndarray, in_shape: tuple[int, ...] | None) -> list[
     )
 
 
+LayerCallback = Callable[[LayerRecord | None, int, int], None]
+
+
+@dataclass
+class _Plan:
+    """How one candidate layer is rewritten: its factors (one per group) and, after a refit,
+    the change to add to the bias that follows it."""
+
+    kind: str  # "conv" or "fc"
+    method: str
+    geom: ConvGeom | None
+    factors: list
+    bias_delta: np.ndarray | None = None
+
+
 @tvm.ir.transform.module_pass(opt_level=0, name="DecomposeConv")
 class DecomposeConv:
-    """Rewrite dense conv2d layers into CP / Tucker-2 / GKPD factor chains.
+    """Rewrite dense conv2d layers into CP / Tucker-2 / GKPD factor chains, and fully connected
+    layers (``matmul`` by a constant) into two thinner ones (truncated SVD).
 
     Parameters
     ----------
     method : str
         ``cp``, ``tucker`` or ``kronecker`` (aliases ``tucker2``, ``gkpd``).
     policy : str or RankPolicy
-        A rank policy (see :mod:`edgecomp.decompose.rank`), e.g. ``flops=2x``.
+        A rank policy (see :mod:`edgecomp.decompose.rank`), e.g. ``flops=2x``; fully connected
+        layers get the same policy, over their params / multiply-adds.
     calib : np.ndarray, optional
         Calibration inputs for ``main``; needed by ``output=e`` and, when given, every layer's
         output error is reported.
+    force : bool
+        Emit the chain even when it saves no FLOPs (used to test chains at full rank).
+    fc : bool
+        Also factorize fully connected layers (``Gemm`` / ``MatMul`` with a constant weight).
+    refit : bool
+        With ``calib``: refit each decomposed layer's last factor and bias by least squares so
+        its output on the calibration inputs matches the dense network's, layer by layer in
+        network order (see :mod:`edgecomp.passes.refit`).
+    on_layer : callable, optional
+        Called with (record, layers done, layers in all) as each layer is decided, and once
+        with record None before the first.
 
     Attributes
     ----------
     report : list of LayerRecord
-        Filled when the pass runs: one record per constant-weight conv2d.
-    force : bool
-        Emit the chain even when it saves no FLOPs (used to test chains at full rank).
+        Filled when the pass runs: one record per constant-weight conv2d (and fc layer).
     """
 
     def __init__(
@@ -175,6 +268,9 @@ class DecomposeConv:
         policy: str | RankPolicy,
         calib: np.ndarray | None = None,
         force: bool = False,
+        fc: bool = False,
+        refit: bool = False,
+        on_layer: LayerCallback | None = None,
     ) -> None:
         self.method = canonical_method(method)
         self.policy = parse_policy(policy)
@@ -182,25 +278,37 @@ class DecomposeConv:
             raise EdgecompError(
                 "--rank-policy output=... needs calibration inputs: pass --calib FILE.npy"
             )
+        if refit and calib is None:
+            raise EdgecompError("refitting decomposed layers needs calibration inputs (--calib)")
         self.calib = calib
         self.force = force  # emit chains even without a FLOP saving (full-rank exactness tests)
+        self.fc = fc
+        self.refit = refit
+        self.on_layer = on_layer
         self.report: list[LayerRecord] = []
 
     def transform_module(self, mod: IRModule, ctx: tvm.transform.PassContext) -> IRModule:
         """Run the rewrite on every Relax function of ``mod``."""
         self.report = []
-        layer_inputs: list[np.ndarray] | None = None
-        if self.calib is not None and "main" in [g.name_hint for g in mod.get_global_vars()]:
-            layer_inputs = conv_layer_inputs(mod, self.calib)
-        rewriter = _Rewriter(mod, self, layer_inputs)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.calib_on = gv.name_hint == "main"
-                rewriter.index = 0
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-                if rewriter.error is not None:  # kept aside: it would lose its type in TVM's FFI
-                    raise rewriter.error
-        return rewriter.builder_.get()
+        inputs: list[np.ndarray] | None = None
+        has_main = "main" in [g.name_hint for g in mod.get_global_vars()]
+        if self.calib is not None and has_main:
+            inputs = layer_inputs(mod, self.calib, fc=self.fc)
+        total = sum(
+            len(_candidates(f, self.fc))
+            for _, f in mod.functions_items()
+            if isinstance(f, relax.Function)
+        )
+        if self.on_layer is not None:
+            self.on_layer(None, 0, total)
+        rewriter = _Rewriter(mod, self, inputs, total)
+        new = rewriter.run()
+        if self.refit and self.calib is not None and has_main:
+            from edgecomp.passes.refit import refit_plans
+
+            plans = refit_plans(mod, self, rewriter.plans, rewriter.records, inputs or [])
+            new = _Rewriter(mod, self, None, total, fixed=plans).run()
+        return relax.transform.DeadCodeElimination()(new) if self.fc else new
 
 
 def decompose_conv(
@@ -209,46 +317,161 @@ def decompose_conv(
     policy: str | RankPolicy,
     calib: np.ndarray | None = None,
     force: bool = False,
+    fc: bool = False,
+    refit: bool = False,
+    on_layer: LayerCallback | None = None,
 ) -> tuple[IRModule, list[LayerRecord]]:
     """Run :class:`DecomposeConv` on ``mod``; return the new module and the per-layer report.
 
     The function form for Python callers: errors reach them as :class:`EdgecompError`
     rather than through TVM's pass machinery.
     """
-    transform = DecomposeConv(method, policy, calib=calib, force=force)
+    transform = DecomposeConv(
+        method, policy, calib=calib, force=force, fc=fc, refit=refit, on_layer=on_layer
+    )
     new = transform.transform_module(mod, tvm.transform.PassContext.current())
     return new, transform.report
 
 
 @mutator
 class _Rewriter(PyExprMutator):
+    """Decides every candidate layer (or applies ``fixed`` plans, keyed by candidate index of
+    ``main``; layers without one stay dense) and emits the chains."""
+
     def __init__(
-        self, mod: IRModule, owner: DecomposeConv, layer_inputs: list[np.ndarray] | None
+        self,
+        mod: IRModule,
+        owner: DecomposeConv,
+        layer_inputs: list[np.ndarray] | None,
+        total: int = 0,
+        fixed: dict[int, _Plan] | None = None,
     ) -> None:
         super().__init__(mod)
+        self.mod = mod
         self.owner = owner
         self.layer_inputs = layer_inputs
+        self.total = total
+        self.fixed = fixed
+        self.plans: dict[int, _Plan] = {}
+        self.records: dict[int, LayerRecord] = {}
         self.calib_on = False
         self.index = 0
+        self.counts = {"conv": 0, "fc": 0}
+        self.bias_delta: dict[int, np.ndarray] = {}  # handle of a chain's last call -> delta
         self.error: EdgecompError | None = None
+
+    def run(self) -> IRModule:
+        for gv, func in self.mod.functions_items():
+            if isinstance(func, relax.Function):
+                self.calib_on = gv.name_hint == "main"
+                self.index = 0
+                self.builder_.update_func(gv, self.visit_expr(func))
+                if self.error is not None:  # kept aside: it would lose its type in TVM's FFI
+                    raise self.error
+        return self.builder_.get()
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         new = super().visit_call_(call)
-        if not _is_dense_candidate(call):
+        if self.bias_delta and call.op == tvm.ir.Op.get("relax.add"):
+            return self._shift_bias(new)
+        kind = (
+            "conv"
+            if _is_dense_candidate(call)
+            else "fc"
+            if self.owner.fc and _is_fc_candidate(call, self.lookup_binding)
+            else None
+        )
+        if kind is None:
             return new
         i = self.index
         self.index += 1
+        name = f"{kind}{self.counts[kind]}"
+        self.counts[kind] += 1
+        if self.fixed is not None:
+            plan = self.fixed.get(i) if self.calib_on else None
+            return new if plan is None else self._emit(plan, new.args[0])
         x_in = self.layer_inputs[i] if self.layer_inputs is not None and self.calib_on else None
+        start = time.perf_counter()
         # The weight and attrs come from the original call; the data from the visited one.
         try:
-            record, chain = self._decide(call, new.args[0], f"conv{i}", x_in)
+            if kind == "conv":
+                record, plan = self._decide(call, name, x_in)
+            else:
+                record, plan = self._decide_fc(call, name, x_in)
         except EdgecompError as err:
             self.error = self.error or err
             return new
+        record.seconds = time.perf_counter() - start
         self.owner.report.append(record)
-        return new if chain is None else chain
+        if self.owner.on_layer is not None:
+            self.owner.on_layer(record, len(self.owner.report), self.total)
+        if plan is None:
+            return new
+        if self.calib_on:
+            self.plans[i], self.records[i] = plan, record
+        return self._emit(plan, new.args[0])
 
-    def _decide(self, call: relax.Call, data: relax.Expr, name: str, x_in: np.ndarray | None):  # noqa: ANN202
+    def _emit(self, plan: _Plan, data: relax.Expr) -> relax.Expr:
+        if plan.kind == "fc":
+            (f,) = plan.factors
+            y = self.builder_.emit(relax.op.matmul(data, relax.const(f.a)))
+            out = relax.op.matmul(y, relax.const(np.ascontiguousarray(f.b)))
+        else:
+            emit = {"cp": self._cp, "tucker": self._tucker, "kronecker": self._gkpd}[plan.method]
+            assert plan.geom is not None  # a conv plan
+            out = emit(data, plan.geom, plan.factors)
+        if plan.bias_delta is not None:
+            out = self.builder_.emit(out)
+            self.bias_delta[out.__chandle__()] = plan.bias_delta
+        return out
+
+    def _shift_bias(self, add: relax.Call) -> relax.Expr:
+        """``add(chain, bias)`` with the refit's change folded into the constant bias."""
+        lhs, rhs = add.args
+        delta = self.bias_delta.get(lhs.__chandle__()) if isinstance(lhs, relax.Var) else None
+        if delta is None:
+            return add
+        bound = self.lookup_binding(rhs) if isinstance(rhs, relax.Var) else rhs
+        if isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.reshape"):
+            bound = bound.args[0]
+        if not isinstance(bound, Constant):
+            return add
+        shape = _static_shape(rhs) or (delta.size,)
+        bias = bound.value.numpy().reshape(-1) + delta
+        return relax.op.add(lhs, relax.const(bias.reshape(shape).astype(np.float32)))
+
+    def _decide_fc(self, call: relax.Call, name: str, x_in: np.ndarray | None):  # noqa: ANN202
+        weight = _fc_weight(call, self.lookup_binding)
+        assert weight is not None  # a candidate
+        in_shape = _static_shape(call.args[0]) or ()
+        record = LayerRecord(name, tuple(weight.shape), in_shape, "svd", kind="fc")
+        rows = int(in_shape[0]) if in_shape else 1
+        record.params_before = fc_cost(weight.shape)[0]
+        record.flops_before = record.params_before * rows
+        if weight.dtype != np.float32:
+            record.skipped = f"weight dtype {weight.dtype} (only float32)"
+            return record, None
+        if min(weight.shape) < MIN_FC:
+            record.skipped = f"small fully connected layer (min(N_in, N_out) < {MIN_FC})"
+            return record, None
+        rank, factors = choose_fc_rank(self.owner.policy, weight, x_in)
+        if factors is None:
+            record.skipped = _no_rank_reason(self.owner.policy)
+            return record, None
+        record.rank = rank
+        record.params_after = fc_cost(weight.shape, rank)[0]
+        record.flops_after = record.params_after * rows
+        record.weight_error = factors.error
+        if x_in is not None:
+            x = x_in.reshape(-1, weight.shape[0]).astype(np.float64)
+            record.output_error = relative_error(x @ factors.weight(), x @ weight)
+        if record.params_after >= record.params_before and not self.owner.force:
+            record.skipped = f"no FLOP saving at rank {rank}"
+            record.params_after = record.flops_after = 0
+            return record, None
+        return record, _Plan("fc", "svd", None, [factors])
+
+    def _decide(self, call: relax.Call, name: str, x_in: np.ndarray | None):  # noqa: ANN202
         weight = call.args[1].value.numpy()
         attrs = call.attrs
         method = self.owner.method
@@ -291,7 +514,7 @@ class _Rewriter(PyExprMutator):
             for w, xg in zip(weights, inputs, strict=True)
         ]
         if any(f is None for _, f in chosen):
-            record.skipped = f"no rank meets {self.owner.policy} with a FLOP saving"
+            record.skipped = _no_rank_reason(self.owner.policy)
             return record, None
         # One rank for every group (the grouped convs of the chain need equal group sizes):
         # the largest any group asked for.
@@ -321,8 +544,7 @@ class _Rewriter(PyExprMutator):
             record.skipped = f"no FLOP saving at rank {record.rank}"
             record.params_after = record.flops_after = 0
             return record, None
-        emit = {"cp": self._cp, "tucker": self._tucker, "kronecker": self._gkpd}[method]
-        return record, emit(data, geom, factors)
+        return record, _Plan("conv", method, geom, factors)
 
     def _conv(self, x: relax.Expr, w: np.ndarray, last: bool = False, **kw) -> relax.Expr:  # noqa: ANN003
         weight = relax.const(np.ascontiguousarray(w, dtype=np.float32))

@@ -34,13 +34,9 @@ import tvm
 from onnx import numpy_helper, shape_inference
 from tvm import relax
 
-from edgecomp.kernels.fused_chain import (
-    ChainSpec,
-    ConvGeometry,
-    allocated_buffers,
-    chain_memory,
-    padded_rank,
-)
+from edgecomp.kernels.chain_memory import chain_memory
+from edgecomp.kernels.chain_spec import ChainSpec, ConvGeometry, padded_rank
+from edgecomp.kernels.fused_chain import allocated_buffers
 from edgecomp.models import light_model
 from edgecomp.passes.refuse_chains import RefuseChains
 from edgecomp.pipeline import lower

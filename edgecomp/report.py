@@ -56,8 +56,9 @@ from tvm.s_tir.analysis import detect_buffer_access_lca
 from tvm.target import Target
 
 from edgecomp.errors import EdgecompError
+from edgecomp.kernels.chain_spec import ATTR_KIND
 from edgecomp.kernels.conv_common import CONV_GEMM, DEPTHWISE
-from edgecomp.kernels.fused_chain import ATTR_KIND, allocated_buffers
+from edgecomp.kernels.fused_chain import allocated_buffers
 from edgecomp.kernels.target_info import num_cores
 from edgecomp.passes.refuse_chains import tensor_bytes
 

@@ -22,6 +22,8 @@ from tvm import relax
 from tvm.s_tir import dlight
 
 from edgecomp.errors import EdgecompError
+from edgecomp.kernels import chain_memory as cm
+from edgecomp.kernels import chain_spec as cs
 from edgecomp.kernels import fused_chain as fc
 from edgecomp.passes import refuse_chains
 from edgecomp.passes.refuse_chains import REFUSE_MODES, RefuseChains, fusing_pays
@@ -71,7 +73,7 @@ class Chain:
         mod: tvm.IRModule,
         chain_ref: Callable[[np.ndarray], np.ndarray],
         dense: np.ndarray,
-        geom: fc.ConvGeometry,
+        geom: cs.ConvGeometry,
         bias: np.ndarray,
     ) -> None:
         self.mod, self.chain_ref, self.dense, self.geom, self.bias = (
@@ -111,7 +113,7 @@ def cp_chain_module(
     k: int,
     kh: int,
     kw: int,
-    geom: fc.ConvGeometry,
+    geom: cs.ConvGeometry,
     batch: int = 1,
 ) -> Chain:
     """CP rank r in the DecomposeConv contract (1x1, kh x 1 dw, 1 x kw dw, 1x1) + bias."""
@@ -146,7 +148,7 @@ def tucker2_chain_module(
     k: int,
     kh: int,
     kw: int,
-    geom: fc.ConvGeometry,
+    geom: cs.ConvGeometry,
 ) -> Chain:
     """Tucker-2 (1x1 C->R3, kh x kw R3->R4 with the conv's stride/padding/dilation, 1x1) + bias."""
     w1 = rng.standard_normal((r3, c, 1, 1)).astype("float32")
@@ -171,7 +173,7 @@ def gkpd_chain_module(
     a_shape: tuple[int, ...],
     b_shape: tuple[int, ...],
     hw: tuple[int, int],
-    geom: fc.ConvGeometry,
+    geom: cs.ConvGeometry,
 ) -> Chain:
     """GKPD ``sum_r A_r (x) B_r`` as plain ops: B conv (grouped over C1) -> regroup -> A conv
     (grouped over K2, dilation = B's spatial size x the conv's) -> reorder channels; + bias."""
@@ -249,16 +251,16 @@ def fused_prims(mod: tvm.IRModule) -> list[tvm.tirx.PrimFunc]:
     return [
         f
         for _, f in mod.functions_items()
-        if isinstance(f, tvm.tirx.PrimFunc) and fc.ATTR_KIND in f.attrs
+        if isinstance(f, tvm.tirx.PrimFunc) and cs.ATTR_KIND in f.attrs
     ]
 
 
 GEOMS = {
-    "s1p1": fc.ConvGeometry((1, 1), (1, 1, 1, 1), (1, 1)),
-    "s2p1": fc.ConvGeometry((2, 2), (1, 1, 1, 1), (1, 1)),
+    "s1p1": cs.ConvGeometry((1, 1), (1, 1, 1, 1), (1, 1)),
+    "s2p1": cs.ConvGeometry((2, 2), (1, 1, 1, 1), (1, 1)),
 }
 
-CASES: dict[str, Callable[[np.random.Generator, fc.ConvGeometry], Chain]] = {
+CASES: dict[str, Callable[[np.random.Generator, cs.ConvGeometry], Chain]] = {
     "cp": lambda rng, g: cp_chain_module(rng, 6, (12, 11), 5, 7, 3, 3, g),
     "tucker2": lambda rng, g: tucker2_chain_module(rng, 6, (12, 11), 4, 5, 7, 3, 3, g),
     # A 3x1 / B 1x3 spatial split, C = 2*3, K = 2*4: every factor dimension is non-trivial.
@@ -307,7 +309,7 @@ def test_fused_equals_unfused_and_dense(
 def test_cp_asymmetric_padding_stride_dilation_batch2() -> None:
     """Each depthwise keeps its own axis' stride, padding and dilation; batches tile too."""
     rng = np.random.default_rng(1)
-    geom = fc.ConvGeometry((2, 1), (2, 0, 1, 1), (2, 1))
+    geom = cs.ConvGeometry((2, 1), (2, 0, 1, 1), (2, 1))
     chain = cp_chain_module(rng, 5, (13, 12), 6, 4, 5, 3, geom, batch=2)
     x = rng.standard_normal((2, 5, 13, 12)).astype("float32")
     want = chain.chain_ref(x)
@@ -421,7 +423,7 @@ def test_rule_only_takes_fused_chains_on_cpus() -> None:
     (prim,) = fused_prims(RefuseChains(HOST, always=True)(chain.mod))
     rule = fc.FusedChainRule()
     assert rule.apply(prim, HOST, False) is not None
-    assert rule.apply(prim.without_attr(fc.ATTR_KIND), HOST, False) is None
+    assert rule.apply(prim.without_attr(cs.ATTR_KIND), HOST, False) is None
     assert rule.apply(prim, load_board("rk3399-mali").tvm_target(), False) is None
 
 
@@ -433,9 +435,9 @@ def test_speed_rule_keeps_small_narrow_chains_unfused() -> None:
     tvm.ir.assert_structural_equal(RefuseChains(HOST)(chain.mod), chain.mod)
     assert len(fused_prims(RefuseChains(HOST, always=True)(chain.mod))) == 1
 
-    def vgg(c: int, hw: int, k: int) -> fc.ChainSpec:
+    def vgg(c: int, hw: int, k: int) -> cs.ChainSpec:
         rank = round(k * c * 9 / 3 / (c + 6 + k))  # the benchmark's 3x FLOP reduction
-        return fc.ChainSpec("cp", (1, c, hw, hw), k, (3, 3), (rank,), GEOMS["s1p1"], True)
+        return cs.ChainSpec("cp", (1, c, hw, hw), k, (3, 3), (rank,), GEOMS["s1p1"], True)
 
     # VGG-19 conv5 (14 x 14: 196 pixels = 4-lane vectors; largest intermediate 0.6 MB): kept
     # unfused on AVX-512 (16 lanes) and AVX2 (8), fused on NEON (4 lanes fill).
@@ -453,36 +455,36 @@ def test_intermediates_are_allocated_at_tile_size() -> None:
     rng = np.random.default_rng(6)
     chain = cp_chain_module(rng, 16, (28, 28), 24, 16, 3, 3, GEOMS["s1p1"])
     (prim,) = fused_prims(refuse(chain.mod))
-    rows, rb = int(prim.attrs[fc.ATTR_TILE_ROWS]), int(prim.attrs[fc.ATTR_RANK_BLOCK])
+    rows, rb = int(prim.attrs[cs.ATTR_TILE_ROWS]), int(prim.attrs[cs.ATTR_RANK_BLOCK])
     assert rows < 28 and rb < 24  # this layer is big enough to be tiled both ways
     allocs = fc.allocated_buffers(prim)
     rows_in = rows + 2  # 3x1 kernel, stride 1: one halo row above and below
     # One tile of each: the input window's projection for one rank block (its rows_in x 28
     # pixels flat), the depthwise result for all 24 ranks.
     assert allocs == {
-        fc.PROJ_IN: (1, 1, rb, rows_in * 28),
-        fc.MID[0]: (1, 1, 24, rows, 28),
+        cs.PROJ_IN: (1, 1, rb, rows_in * 28),
+        cs.MID[0]: (1, 1, 24, rows, 28),
     }
-    spec = fc.ChainSpec("cp", (1, 16, 28, 28), 16, (3, 3), (24,), GEOMS["s1p1"], True)
-    assert {k: 4 * int(np.prod(v)) for k, v in allocs.items()} == fc.fused_buffers(spec, rows, rb)
+    spec = cs.ChainSpec("cp", (1, 16, 28, 28), 16, (3, 3), (24,), GEOMS["s1p1"], True)
+    assert {k: 4 * int(np.prod(v)) for k, v in allocs.items()} == cm.fused_buffers(spec, rows, rb)
     full = 24 * 28 * 28
     assert all(np.prod(shape) < full / 2 for shape in allocs.values())
 
 
 def test_memory_accounting_by_hand() -> None:
-    spec = fc.ChainSpec("cp", (1, 8, 10, 10), 6, (3, 3), (4,), GEOMS["s1p1"], True)
+    spec = cs.ChainSpec("cp", (1, 8, 10, 10), 6, (3, 3), (4,), GEOMS["s1p1"], True)
     # Unfused: R*H*W + R*Ho*W + R*Ho*Wo + K*Ho*Wo (before the bias add) = 400+400+400+600 floats.
-    assert sum(fc.unfused_intermediates(spec).values()) == 4 * 1800
+    assert sum(cm.unfused_intermediates(spec).values()) == 4 * 1800
     # Fused, 2 rows, rank block 2: t1 rb*rows_in*W = 2*4*10 + dw R*rows*Wo = 4*2*10 = 160
     # floats per tile.
-    assert sum(fc.fused_buffers(spec, 2, 2).values()) == 4 * 160
-    mem = fc.chain_memory(spec, threads=2, rows=2, rank_block=2)
+    assert sum(cm.fused_buffers(spec, 2, 2).values()) == 4 * 160
+    mem = cm.chain_memory(spec, threads=2, rows=2, rank_block=2)
     assert (mem.unfused_bytes, mem.fused_bytes, mem.concurrent_tiles) == (7200, 1280, 2)
     assert mem.reduction == pytest.approx(1 - 1280 / 7200)
-    tucker = fc.ChainSpec("tucker2", (1, 8, 10, 10), 6, (3, 3), (3, 5), GEOMS["s2p1"], False)
+    tucker = cs.ChainSpec("tucker2", (1, 8, 10, 10), 6, (3, 3), (3, 5), GEOMS["s2p1"], False)
     # Ho = Wo = 5: R3*H*W + R4*Ho*Wo = 300 + 125; tile: R3*rows_in*W + R4*rows*Wo, rows_in = 3.
-    assert sum(fc.unfused_intermediates(tucker).values()) == 4 * 425
-    assert fc.fused_buffers(tucker, 1, 5) == {fc.PROJ_IN: 4 * 90, fc.MID[1]: 4 * 25}
+    assert sum(cm.unfused_intermediates(tucker).values()) == 4 * 425
+    assert cm.fused_buffers(tucker, 1, 5) == {cs.PROJ_IN: 4 * 90, cs.MID[1]: 4 * 25}
 
 
 # ----------------------------------------------------------------------------- other targets
@@ -567,7 +569,7 @@ def test_relu_after_the_bias_is_folded_in(kind: str) -> None:
     fused = refuse(mod)
     assert ops_of(fused) == ["relax.call_tir", "relax.reshape"]
     (prim,) = fused_prims(fused)
-    assert prim.attrs[fc.ATTR_KIND] == kind and "T.max(" in prim.script()
+    assert prim.attrs[cs.ATTR_KIND] == kind and "T.max(" in prim.script()
     x = rng.standard_normal((1, 8, 12, 12)).astype("float32")
     want = ref(x)
     np.testing.assert_allclose(run(fused, x), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

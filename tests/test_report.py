@@ -21,7 +21,8 @@ from tvm import relax, rpc
 
 from edgecomp import report as rp
 from edgecomp.frontend import ModelSignature, TensorSpec
-from edgecomp.kernels import fused_chain as fc
+from edgecomp.kernels import chain_memory as cm
+from edgecomp.kernels import chain_spec as cs
 from edgecomp.package import read_package, write_package
 from edgecomp.pipeline import lower
 from edgecomp.runner import Loaded, open_package
@@ -122,11 +123,11 @@ def test_cp_chain_unfused_vs_fused_matches_chain_memory() -> None:
     # conv's epilogue, so "before_bias" of unfused_intermediates is never materialised).
     assert [row["output_bytes"] for row in before[:3]] == [r * h * w * F] * 3
     lowered = lower(mod, HOST)
-    prim = next(f for _, f in lowered.functions_items() if fc.ATTR_KIND in (f.attrs or {}))
-    rows, rb = int(prim.attrs[fc.ATTR_TILE_ROWS]), int(prim.attrs[fc.ATTR_RANK_BLOCK])
-    geom = fc.ConvGeometry((1, 1), (1, 1, 1, 1))
-    spec = fc.ChainSpec("cp", (1, c, h, w), k, (3, 3), (r,), geom, True)
-    mem = fc.chain_memory(spec, threads=2, rows=rows, rank_block=rb)
+    prim = next(f for _, f in lowered.functions_items() if cs.ATTR_KIND in (f.attrs or {}))
+    rows, rb = int(prim.attrs[cs.ATTR_TILE_ROWS]), int(prim.attrs[cs.ATTR_RANK_BLOCK])
+    geom = cs.ConvGeometry((1, 1), (1, 1, 1, 1))
+    spec = cs.ChainSpec("cp", (1, c, h, w), k, (3, 3), (r,), geom, True)
+    mem = cm.chain_memory(spec, threads=2, rows=rows, rank_block=rb)
     assert fused["workspace_bytes"] == mem.fused_bytes
     # Hand count of one tile: t1 rb x (rows + 2) x W (one rank block of the input window's
     # projection), the depthwise result r x rows x W (every rank); two tiles at once.

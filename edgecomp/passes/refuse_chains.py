@@ -46,17 +46,14 @@ from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
 from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
 from tvm.target import Target
 
-from edgecomp.kernels.fused_chain import (
-    ATTR_KIND,
+from edgecomp.kernels.chain_memory import (
     TILE_BUDGET_BYTES,
-    ChainSpec,
-    ConvGeometry,
     choose_tiles,
-    emit_fused_chain,
-    pad_ranks,
     unfused_intermediates,
     vector_fill,
 )
+from edgecomp.kernels.chain_spec import ATTR_KIND, ChainSpec, ConvGeometry, pad_ranks
+from edgecomp.kernels.fused_chain import emit_fused_chain
 from edgecomp.kernels.target_info import cpu_info, is_gpu, num_cores
 
 # What ``lower(refuse=...)`` and ``edgecomp compile --refuse`` take: fuse the chains whose fusing

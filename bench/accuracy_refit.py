@@ -22,18 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import tvm
-from tvm import relax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_vs_flops import top1  # noqa: E402
 from train_digits_cnn import preprocess, split  # noqa: E402
 
 from edgecomp.analyze import weight_bytes  # noqa: E402
-from edgecomp.build import build  # noqa: E402
 from edgecomp.frontend import import_onnx  # noqa: E402
 from edgecomp.models import bundled_model_path  # noqa: E402
 from edgecomp.passes.decompose_conv import decompose_conv  # noqa: E402
-from edgecomp.targets import load_board  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {"cp": "CP", "tucker": "Tucker-2", "kronecker": "GKPD"}
@@ -64,12 +61,6 @@ def data() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         "clean": (x_test, y_test, calib),
         "harder": (perturb(x_test, 2), y_test, perturb(calib, 3)),
     }
-
-
-def top1(mod: tvm.IRModule, x: np.ndarray, y: np.ndarray) -> float:
-    vm = relax.VirtualMachine(build(mod, load_board("host")), tvm.cpu())
-    pred = [int(np.argmax(vm["main"](tvm.runtime.tensor(xi[None])).numpy())) for xi in x]
-    return 100.0 * float(np.mean(np.array(pred) == y))
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,24 @@ def _check_tools(board: Board) -> None:
             )
 
 
+@contextmanager
+def _staged(final: Path) -> Iterator[Path]:
+    """A temporary folder beside ``final`` that becomes ``final`` when the block completes
+    (unless another process made it first); removed when the block fails or is interrupted,
+    so the cache never holds a half-made folder."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
+    try:
+        yield work
+        if final.exists():  # another process finished first
+            shutil.rmtree(work)
+        else:
+            work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
 def prepare(board: Board) -> Path:
     """Build the board's sysroot and runtime site folder once; return the cached folder.
 
@@ -103,9 +123,7 @@ def prepare(board: Board) -> Path:
         return final
     _check_tools(board)
     emu = board.emulate
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
-    try:
+    with _staged(final) as work:
         root, site, wheels = work / "root", work / "site", work / "wheels"
         mirror = debian_mirror(emu["debian_suite"])
         sudo = [] if os.geteuid() == 0 else ["sudo"]
@@ -132,13 +150,6 @@ def prepare(board: Board) -> Path:
         python = work / "python"
         python.write_text(_wrapper(board, final))
         python.chmod(0o755)
-        if final.exists():  # another process finished first
-            shutil.rmtree(work)
-        else:
-            work.rename(final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return final
 
 
@@ -338,18 +349,9 @@ def runtime_site(board: Board) -> Path:
     final = cache_dir() / "runtimes" / f"{board.arch}-tvm{version('apache-tvm')}"
     if (final / "tvm" / "lib" / "libtvm_runtime.so").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
-    try:
+    with _staged(final) as work:
         with step(f"downloading the {board.arch} TVM runtime wheels from PyPI"):
             download_wheels(
                 RUNTIME_WHEELS, emu["python"], emu["wheel_platforms"], work, work / "wheels"
             )
-        if final.exists():  # another process finished first
-            shutil.rmtree(work)
-        else:
-            work.rename(final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return final

@@ -1,8 +1,8 @@
 """Start-up hook for every Python process on an edgecomp device (RPC server and its workers).
 
-`edgecomp device emulate` puts this folder first on the device's PYTHONPATH and sets
-EDGECOMP_DEVICE=1; a real board can do the same (see deploy/README.md). It makes two things
-available to the host over RPC, in every process the server starts:
+`edgecomp device emulate` copies it into the emulated device's site folder (on its
+PYTHONPATH) and sets EDGECOMP_DEVICE=1; a real board puts this folder on its PYTHONPATH (see
+deploy/README.md). In every process the server starts, it sets up:
 
 - ``edgecomp.device_arch``: the device's machine name (``aarch64``, ``armv7l``), so the host
   refuses a package built for another architecture with a clear message instead of a loader

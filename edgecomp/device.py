@@ -120,6 +120,7 @@ def prepare(board: Board) -> Path:
         raise EdgecompError(f"board {board.name!r} cannot be emulated here: {board.emulate_why}")
     final = _device_dir(board)
     if (final / "python").is_file():
+        _install_hooks(board, final)
         return final
     _check_tools(board)
     emu = board.emulate
@@ -147,10 +148,27 @@ def prepare(board: Board) -> Path:
                 shutil.rmtree(stale, ignore_errors=True)
         with step(f"downloading the {emu['debian_arch']} TVM runtime wheels from PyPI"):
             download_wheels(DEVICE_WHEELS, emu["python"], emu["wheel_platforms"], site, wheels)
-        python = work / "python"
-        python.write_text(_wrapper(board, final))
-        python.chmod(0o755)
+        _install_hooks(board, work, final)
     return final
+
+
+def _install_hooks(board: Board, folder: Path, final: Path | None = None) -> None:
+    """Write the device's start-up hook and ``python`` wrapper into ``folder`` if they changed.
+
+    Both live in the cache, never pointing into a checkout: a cache outlives the checkout that
+    filled it (CI clones anew each run), and a stale hook leaves TVM's workers unable to start.
+    """
+    final = final or folder
+    hook = (data_dir("deploy") / "sitecustomize.py").read_text()
+    for path, text, mode in (
+        (folder / "site" / "sitecustomize.py", hook, 0o644),
+        (folder / "python", _wrapper(board, final), 0o755),
+    ):
+        if not path.is_file() or path.read_text() != text:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(text)
+            tmp.chmod(mode)
+            tmp.replace(path)
 
 
 def download_wheels(
@@ -189,7 +207,7 @@ def _wrapper(board: Board, folder: Path) -> str:
     return (
         "#!/bin/sh\n"
         f"# The {board.name} device's Python, run by qemu-user in its sysroot (edgecomp).\n"
-        f"export PYTHONPATH='{data_dir('deploy')}:{folder / 'site'}'\n"
+        f"export PYTHONPATH='{folder / 'site'}'\n"
         "export TVM_USE_RUNTIME_LIB=1 EDGECOMP_DEVICE=1\n"
         f"export EDGECOMP_PYTHON='{folder / 'python'}'\n"
         f"exec {emu['qemu']} -L '{root}' '{root}/usr/bin/python{emu['python']}' \"$@\"\n"

@@ -131,3 +131,27 @@ def test_device_side_runner_needs_only_the_tvm_runtime(tmp_path):
     assert "latency: median" in result.stdout
     (want,) = onnxruntime_outputs(model, {"x": x})
     np.testing.assert_allclose(np.load(tmp_path / "y.npz")["logits"], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.device
+def test_a_cache_filled_by_another_checkout_still_starts(tmp_path):
+    """The device cache outlives the checkout that filled it (CI clones anew every run): a
+    wrapper pointing into a deleted checkout, or a missing start-up hook, is rewritten."""
+    from edgecomp.device import _device_dir, prepare
+
+    board = load_board("rasp4b")
+    folder = prepare(board)
+    wrapper = folder / "python"
+    good = wrapper.read_text()
+    wrapper.write_text(good.replace(str(folder / "site"), "/gone/checkout/deploy"))
+    (folder / "site" / "sitecustomize.py").unlink()
+    assert prepare(board) == _device_dir(board) == folder
+    assert wrapper.read_text() == good
+    assert "EDGECOMP_DEVICE" in (folder / "site" / "sitecustomize.py").read_text()
+    port = free_port()
+    try:
+        start_emulated_device(board, port=port)
+        session = connect(rpc=f"127.0.0.1:{port}", timeout=60)
+        assert device_arch(session) == "aarch64"
+    finally:
+        stop_emulated_devices(port)

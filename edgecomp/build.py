@@ -98,48 +98,19 @@ def build(
         raise RuntimeError(f"building for {board.name} failed; please report it: {err}") from err
 
 
-def compile_model(
+def import_model(
     model_path: str | os.PathLike[str],
-    board: str | Board,
-    outdir: str | os.PathLike[str],
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     decompose: DecomposeOptions | None = None,
-    weights: str = "auto",
-) -> Package:
-    """Compile an ONNX model for a board into a deployable package folder.
+) -> tuple[tvm.IRModule, Any, dict[str, Any]]:
+    """Import an ONNX file and decompose it as asked: the module ``compile`` and ``tune``
+    both lower; with its signature and the options the manifest records."""
+    from edgecomp.analyze import weight_bytes
 
-    Parameters
-    ----------
-    model_path
-        The ONNX file.
-    board
-        A board name (``rasp4b``), a board file path, or a loaded Board.
-    outdir
-        Where ``model.so`` and ``manifest.json`` go; left untouched if anything fails.
-    input_shapes
-        Static shapes for inputs with dynamic dimensions.
-    decompose
-        Replace dense convolutions by factor chains first (see :mod:`edgecomp.decompose`).
-    weights
-        ``embedded`` in ``model.so``, ``external`` (beside it in ``weights.params``), or
-        ``auto``: external where the board's linker cannot embed them (the board file's
-        ``max_embedded_weights_mb``, e.g. VGG-19 on ``rasp3b``), embedded elsewhere.
-
-    Examples
-    --------
-    >>> compile_model("digits_cnn.onnx", "rasp4b", "out/rasp4b")  # doctest: +SKIP
-    """
-    from edgecomp.weights import choose_mode, constant_bytes, lift_weights
-
-    board = board if isinstance(board, Board) else load_board(board)
-    choose_mode(weights, None, 0)  # reject a bad mode before the long work starts
-    board.fcompile()  # fail on a missing toolchain before the long work starts
     model = load_onnx(model_path)
     with step("importing the ONNX model"):
         mod, signature = import_onnx(model, input_shapes)
     options: dict[str, Any] = {}
-    from edgecomp.analyze import weight_bytes
-
     before = weight_bytes(mod)
     if decompose is not None:
         mod, layers = decompose_model(mod, decompose)
@@ -166,17 +137,72 @@ def compile_model(
             else ""
         )
     )
-    from edgecomp.pipeline import lower
-    from edgecomp.report import REPORT_FILE, memory_report
+    return mod, signature, options
 
+
+def compile_model(
+    model_path: str | os.PathLike[str],
+    board: str | Board,
+    outdir: str | os.PathLike[str],
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    decompose: DecomposeOptions | None = None,
+    weights: str = "auto",
+    tuning_db: str | os.PathLike[str] | None = None,
+) -> Package:
+    """Compile an ONNX model for a board into a deployable package folder.
+
+    Parameters
+    ----------
+    model_path
+        The ONNX file.
+    board
+        A board name (``rasp4b``), a board file path, or a loaded Board.
+    outdir
+        Where ``model.so`` and ``manifest.json`` go; left untouched if anything fails.
+    input_shapes
+        Static shapes for inputs with dynamic dimensions.
+    decompose
+        Replace dense convolutions by factor chains first (see :mod:`edgecomp.decompose`).
+    weights
+        ``embedded`` in ``model.so``, ``external`` (beside it in ``weights.params``), or
+        ``auto``: external where the board's linker cannot embed them (the board file's
+        ``max_embedded_weights_mb``, e.g. VGG-19 on ``rasp3b``), embedded elsewhere.
+    tuning_db
+        An ``edgecomp tune`` work dir: its best record per kernel is applied, the other
+        kernels keep edgecomp's default schedules. Default: the records edgecomp ships for
+        the board (``schedules/BOARD``), if any.
+
+    Examples
+    --------
+    >>> compile_model("digits_cnn.onnx", "rasp4b", "out/rasp4b")  # doctest: +SKIP
+    """
+    from edgecomp.weights import choose_mode, constant_bytes, lift_weights
+
+    board = board if isinstance(board, Board) else load_board(board)
+    choose_mode(weights, None, 0)  # reject a bad mode before the long work starts
+    board.fcompile()  # fail on a missing toolchain before the long work starts
+    mod, signature, options = import_model(model_path, input_shapes, decompose)
+    from edgecomp.pipeline import lower_unscheduled, schedule
+    from edgecomp.report import REPORT_FILE, memory_report
+    from edgecomp.tune import tuning_database
+
+    database, db_info = tuning_database(tuning_db, board)
     with step(f"building for {board.name}"):
         refuse = decompose.refuse if decompose is not None else "auto"
-        lowered = lower(mod, board.tvm_target(), refuse=refuse)
+        fused = lower_unscheduled(mod, board.tvm_target(), refuse=refuse)
+        lowered, applied = schedule(fused, board.tvm_target(), database)
         mode = choose_mode(weights, board.max_embedded_weights_mb, constant_bytes(lowered))
         # External weights are lifted from the lowered module, after every compile-time
         # rewrite of them (folding, MEC's weight packing): the kernels are the same.
         built, params = lift_weights(lowered) if mode == "external" else (lowered, None)
         executable = build(mod, board, built)
+    if db_info is not None:
+        kernels = sum(1 for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+        db_info["applied"] = applied
+        options["tuning_db"] = db_info
+        console.print(
+            f"tuned schedules applied to {applied} of {kernels} tasks ({db_info['path']})"
+        )
     if weights == "auto" and mode == "external":
         console.print(
             f"weights: external ({constant_bytes(lowered) / 1e6:.0f} MB is more than board"

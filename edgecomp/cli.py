@@ -64,6 +64,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         input_shapes=parse_input_shapes(args.input_shape),
         decompose=_decompose_options(args),
         weights=args.weights,
+        tuning_db=args.tuning_db,
     )
     size = package.manifest["files"]["model.so"]["bytes"]
     weights = package.manifest.get("options", {}).get("weight_bytes", {})
@@ -79,6 +80,36 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if package.weights_file is not None:
         size = package.manifest["files"][package.weights_file.name]["bytes"]
         print(f"{package.weights_file}  ({size / 1e6:.1f} MB of weights, loaded by every runner)")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from edgecomp.frontend import parse_input_shapes
+    from edgecomp.targets import load_board
+    from edgecomp.tune import Devices, format_table, tune
+
+    board = load_board(args.target)
+    where = [w for w in (args.rpc, args.tracker, args.local or None) if w]
+    if len(where) != 1:
+        raise EdgecompError("say where to measure: exactly one of --rpc, --tracker, --local")
+    devices = Devices(
+        rpc=args.rpc,
+        tracker=args.tracker,
+        key=(args.key or board.rpc_key) if args.tracker else None,
+        local=args.local,
+        device_wait=args.device_wait,
+        session_timeout=args.session_timeout,
+    )
+    result = tune(
+        args.model,
+        board,
+        args.work_dir,
+        args.trials,
+        devices,
+        input_shapes=parse_input_shapes(args.input_shape),
+        decompose=_decompose_options(args),
+    )
+    print(format_table(result))
     return 0
 
 
@@ -380,6 +411,66 @@ def _parser() -> argparse.ArgumentParser:
         help="with --decompose: fuse each factor chain into one kernel where that lowers the"
         " model's planned peak memory (auto, the default), every chain (all: the least memory,"
         " slower where the fused kernel recomputes its halo), or none (separate ops)",
+    )
+
+    p.add_argument(
+        "--tuning-db",
+        metavar="W",
+        help="apply the best record per kernel from an edgecomp tune work dir (the others keep"
+        " edgecomp's default schedules); default: the records shipped in schedules/BOARD, if any",
+    )
+
+    p = sub(
+        "tune",
+        _cmd_tune,
+        "tune edgecomp's kernels for a model on the device: search their schedules with"
+        " MetaSchedule, measure candidates on the board, keep the records in a work dir that"
+        " compile --tuning-db applies (rerun the same command to resume)",
+        "edgecomp tune model.onnx --target rasp4b --tracker 127.0.0.1:9190 --key rasp4b"
+        " --trials 500 --work-dir tune-rasp4b\n"
+        "edgecomp tune model.onnx --target rasp4b --rpc 192.168.1.20:9090 --trials 200"
+        " --work-dir tune-pi\n"
+        "edgecomp tune model.onnx --target host --local --trials 300 --work-dir tune-host\n"
+        "edgecomp compile model.onnx --target rasp4b --tuning-db tune-rasp4b -o out/rasp4b",
+    )
+    p.add_argument("model", help="the ONNX file")
+    p.add_argument("--target", required=True, metavar="BOARD", help="a board name or JSON file")
+    p.add_argument("--trials", type=int, required=True, help="total measured candidates")
+    p.add_argument(
+        "--work-dir", required=True, metavar="W", help="records, cost model, progress (resumable)"
+    )
+    where = p.add_argument_group("where to measure (exactly one)")
+    where.add_argument("--rpc", metavar="HOST:PORT", help="one device's RPC server")
+    where.add_argument(
+        "--tracker", metavar="HOST:PORT", help="a tracker: every device under --key measures"
+    )
+    where.add_argument("--local", action="store_true", help="this machine (--target host)")
+    p.add_argument("--key", help="device key at the tracker (default: the board's RPC key)")
+    p.add_argument(
+        "--device-wait",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for a free device before a candidate counts as failed (default 60)",
+    )
+    p.add_argument(
+        "--session-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds one measuring session may last on the device (default 120)",
+    )
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME:1x3x224x224",
+        help="static shape for a dynamic input",
+    )
+    _add_decompose(p)
+    p.add_argument(
+        "--refuse",
+        choices=["auto", "all", "none"],
+        help="with --decompose: which factor chains run fused (as for compile)",
     )
 
     p = sub(

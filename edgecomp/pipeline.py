@@ -79,6 +79,7 @@ def lower(
     refuse: str = "auto",
     layout: str = "NHWC",
     dump_dir: str | os.PathLike[str] | None = None,
+    database: object | None = None,
 ) -> tvm.IRModule:
     """Turn an imported Relax module (weights as constants) into one ready for ``tvm.compile``.
 
@@ -102,22 +103,22 @@ def lower(
         keeps the model's layout, each convolution transposing its input and output itself.
     dump_dir : path, optional
         Write the module's script after each phase here (default: ``$EDGECOMP_DUMP_IR``).
+    database : tvm.s_tir.meta_schedule.Database, optional
+        Tuning records (``edgecomp tune``): a prim func with a record takes its best schedule,
+        the others edgecomp's default (see :func:`schedule`).
 
     Returns
     -------
     tvm.IRModule
         Module whose prim funcs are all scheduled; build it with ``tvm.compile(mod, target)``.
     """
-    if refuse not in REFUSE_MODES:
-        raise EdgecompError(
-            f"unknown re-fusion mode {refuse!r}; use one of {', '.join(REFUSE_MODES)}"
-        )
-    if conv not in CONV_KINDS:
-        raise EdgecompError(
-            f"unknown convolution lowering {conv!r}; use one of {', '.join(CONV_KINDS)}"
-        )
-    if layout not in ("NHWC", "NCHW"):
-        raise EdgecompError(f"unknown activation layout {layout!r}; use NHWC or NCHW")
+    fused = lower_unscheduled(
+        mod, target, conv=conv, refuse=refuse, layout=layout, dump_dir=dump_dir
+    )
+    return schedule(fused, target, database, dump_dir)[0]
+
+
+def _dumper(dump_dir: str | os.PathLike[str] | None):  # noqa: ANN202
     dump_to = dump_dir or os.environ.get(DUMP_ENV)
     dump = Path(dump_to) if dump_to else None
 
@@ -128,6 +129,31 @@ def lower(
             (dump / f"{name}.py").write_text(module.script(show_meta=False))
         return module
 
+    return phase
+
+
+def lower_unscheduled(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    *,
+    conv: str = "mec",
+    refuse: str = "auto",
+    layout: str = "NHWC",
+    dump_dir: str | os.PathLike[str] | None = None,
+) -> tvm.IRModule:
+    """Phases 1-3 of :func:`lower`: the module whose prim funcs are edgecomp's kernels, fused
+    with their epilogues, not yet scheduled: what ``edgecomp tune`` extracts its tasks from."""
+    if refuse not in REFUSE_MODES:
+        raise EdgecompError(
+            f"unknown re-fusion mode {refuse!r}; use one of {', '.join(REFUSE_MODES)}"
+        )
+    if conv not in CONV_KINDS:
+        raise EdgecompError(
+            f"unknown convolution lowering {conv!r}; use one of {', '.join(CONV_KINDS)}"
+        )
+    if layout not in ("NHWC", "NCHW"):
+        raise EdgecompError(f"unknown activation layout {layout!r}; use NHWC or NCHW")
+    phase = _dumper(dump_dir)
     with target:
         # (1) edgecomp graph passes: re-fuse the factor chains DecomposeConv produced.
         #     Then activations NHWC between layers (CPU targets).
@@ -146,7 +172,7 @@ def lower(
         )
         # (3) fuse: op patterns let FuseOps put elementwise epilogues behind conv / matmul;
         #     FoldConstant after legalization folds what only became constant as a prim func.
-        mod = phase(
+        return phase(
             "3_fuse",
             [
                 relax.transform.AnnotateTIROpPattern(),
@@ -157,8 +183,34 @@ def lower(
             ],
             mod,
         )
+
+
+def schedule(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    database: object | None = None,
+    dump_dir: str | os.PathLike[str] | None = None,
+) -> tuple[tvm.IRModule, int]:
+    """Phase 4 of :func:`lower`: schedule every prim func of ``mod``; return it and how many
+    took a tuned schedule from ``database``.
+
+    With a database, ``MetaScheduleApplyDatabase`` first replaces each prim func that has a
+    record with its best schedule and marks it scheduled; edgecomp's rules then schedule the
+    rest (dlight skips functions already scheduled).
+    """
+    phase = _dumper(dump_dir)
+    applied = 0
+    with target:
+        if database is not None:
+            with database:  # type: ignore[attr-defined]
+                mod = phase("4_tuned", [relax.transform.MetaScheduleApplyDatabase()], mod)
+            applied = sum(
+                1
+                for f in mod.functions.values()
+                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and f.attrs.get("tirx.is_scheduled")
+            )
         # (4) schedule every prim func with edgecomp's default rules.
         mod = phase("4_schedule", [dlight.ApplyDefaultSchedule(*default_rules(target))], mod)
     # (5) nothing else is needed: tvm.compile's default relax pipeline does the dataflow
     #     lowering (ToNonDataflow, CallTIRRewrite, StaticPlanBlockMemory, VMShapeLower ...).
-    return mod
+    return mod, applied

@@ -113,18 +113,24 @@ def connect(
     tracker: str | None = None,
     key: str | None = None,
     timeout: float = 30.0,
+    session_timeout: float = 0,
 ) -> Any:  # tvm.rpc.RPCSession
     """Open an RPC session on a device, directly (``rpc``) or through a tracker by ``key``.
 
     Gives up after ``timeout`` seconds with a message naming the address; through a tracker,
     a key that no device registered is refused at once with the keys that are registered.
+    ``session_timeout`` (seconds, 0 for none): the server ends the session after that long.
     """
     import tvm.rpc
 
     if rpc is not None:
         host, port = parse_address(rpc, "--rpc")
         _reachable(host, port, "the RPC server", timeout)
-        return _bounded(f"RPC server at {rpc}", timeout, lambda: tvm.rpc.connect(host, port))
+        return _bounded(
+            f"RPC server at {rpc}",
+            timeout,
+            lambda: tvm.rpc.connect(host, port, session_timeout=session_timeout),
+        )
     if tracker is None or not key:
         raise EdgecompError(
             "say where the device is: --rpc HOST:PORT, or --tracker HOST:PORT --key KEY"
@@ -139,7 +145,8 @@ def connect(
     host, port = parse_address(tracker, "--tracker")
 
     def request() -> Any:
-        return tvm.rpc.connect_tracker(host, port).request(key, max_retry=1)
+        tracker_session = tvm.rpc.connect_tracker(host, port)
+        return tracker_session.request(key, max_retry=1, session_timeout=session_timeout)
 
     return _bounded(f"device {key!r} via the tracker at {tracker}", timeout, request)
 

@@ -50,6 +50,20 @@ def default_rules(target: Target) -> list[ScheduleRule]:
     ]
 
 
+def tunable(func: object, target: Target) -> bool:
+    """True when one of edgecomp's kernel rules (not the fallback) schedules ``func``: the
+    prim funcs ``edgecomp tune`` searches (CPU targets; GPU kernels are not tuned yet)."""
+    if is_gpu(target):
+        return False
+    for rule in (FusedChainRule(), ConvSchedule(), Matmul()):
+        try:
+            if rule.apply(func, target, False) is not None:
+                return True
+        except Exception:  # noqa: BLE001 - the fallback schedules it: nothing to tune
+            return False
+    return False
+
+
 __all__ = [
     "ConvSchedule",
     "CpuFallback",
@@ -57,6 +71,7 @@ __all__ = [
     "Guarded",
     "Matmul",
     "default_rules",
+    "tunable",
     "conv_legalizer",
     "legalize_conv2d",
 ]

@@ -227,21 +227,33 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_device_emulate(args: argparse.Namespace) -> int:
-    from edgecomp.device import start_emulated_device
+    from edgecomp.device import start_emulated_devices
     from edgecomp.targets import load_board
 
-    info = start_emulated_device(
-        load_board(args.target), host=args.host, port=args.port, tracker=args.tracker, key=args.key
+    port = args.port if args.port is not None or args.tracker else 9090
+    infos = start_emulated_devices(
+        load_board(args.target),
+        args.count,
+        host=args.host,
+        port=port,
+        tracker=args.tracker,
+        key=args.key,
+        timeout=args.timeout,
     )
-    print(f"emulated {args.target} RPC server on {info['host']}:{info['port']} (pid {info['pid']})")
-    print("stop it with: edgecomp device stop")
+    for info in infos:
+        where = f" (key {info['key']!r} at {args.tracker})" if args.tracker else ""
+        print(
+            f"emulated {args.target} RPC server on {info['host']}:{info['port']}{where}"
+            f" (pid {info['pid']})"
+        )
+    print(f"stop {'it' if len(infos) == 1 else 'them'} with: edgecomp device stop")
     return 0
 
 
 def _cmd_device_stop(args: argparse.Namespace) -> int:
     from edgecomp.device import stop_emulated_devices
 
-    stopped = stop_emulated_devices(args.port)
+    stopped = stop_emulated_devices(args.port, args.key)
     for info in stopped:
         print(
             f"stopped {info.get('board', 'device')} on {info['host']}:{info['port']}"
@@ -579,7 +591,8 @@ def _parser() -> argparse.ArgumentParser:
         _cmd_device_emulate,
         "prepare (once, then cached) an emulated board and start its RPC server in the background",
         "edgecomp device emulate --target rasp4b --port 9090\n"
-        "edgecomp device emulate --target rasp4b --tracker 127.0.0.1:9190 --key rasp4b",
+        "edgecomp device emulate --target rasp4b --tracker 127.0.0.1:9190 --key rasp4b\n"
+        "edgecomp device emulate --count 4 --tracker 127.0.0.1:9190 --key rasp4b",
         parent=devsubs,
     )
     p.add_argument(
@@ -588,9 +601,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default="127.0.0.1", help="address the RPC server binds (default loopback)"
     )
-    p.add_argument("--port", type=int, default=9090, help="RPC server port (default 9090)")
+    p.add_argument(
+        "--port",
+        type=int,
+        help="RPC server port; with --count N, ports PORT..PORT+N-1"
+        " (default 9090; with --tracker, free ports)",
+    )
     p.add_argument("--tracker", metavar="HOST:PORT", help="register with this tracker")
     p.add_argument("--key", help="device key at the tracker (default: the board's RPC key)")
+    p.add_argument("--count", type=int, default=1, help="start N devices, in parallel (default 1)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds for every device to answer (default 300; TVM imports slowly under qemu)",
+    )
     p = sub(
         "stop",
         _cmd_device_stop,
@@ -599,6 +624,7 @@ def _parser() -> argparse.ArgumentParser:
         parent=devsubs,
     )
     p.add_argument("--port", type=int, help="only the device on this port (default: all)")
+    p.add_argument("--key", help="only the devices started with --key KEY (default: all)")
 
     p = sub(
         "tracker",

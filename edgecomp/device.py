@@ -19,13 +19,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from edgecomp.errors import EdgecompError
-from edgecomp.progress import step
+from edgecomp.progress import console, step
 from edgecomp.resources import data_dir
 from edgecomp.targets import Board
 
@@ -257,16 +257,68 @@ def start_emulated_device(
     there under ``key``, default the board's RPC key). The record (board, host, port, pid,
     log file) is kept so that `stop_emulated_devices` can end it.
     """
-    from edgecomp.rpc import connect, device_arch, list_devices, parse_address
+    return start_emulated_devices(board, 1, host, port, tracker, key, timeout)[0]
 
+
+def start_emulated_devices(
+    board: Board,
+    count: int,
+    host: str = "127.0.0.1",
+    port: int | None = 9090,
+    tracker: str | None = None,
+    key: str | None = None,
+    timeout: float = READY_TIMEOUT,
+) -> list[dict[str, Any]]:
+    """Start ``count`` emulated devices at once; return their records when all are ready.
+
+    They listen on ``port``, ``port + 1``, ... (all must be free), or on free ports when
+    ``port`` is None; with ``tracker`` each registers there under ``key``. They start in
+    parallel (each imports TVM under qemu for 20-40 s). When one fails to start within
+    ``timeout`` seconds, all are stopped and the error says which one failed.
+    """
+    from edgecomp.rpc import free_port, list_devices, parse_address
+
+    if count < 1:
+        raise EdgecompError(f"--count {count}: start at least one device")
     if tracker is not None:
         parse_address(tracker, "--tracker")
+        list_devices(tracker)  # an unreachable tracker is an error now, not after the start
     folder = prepare(board)
-    if not _port_free(host, port):
-        raise EdgecompError(
-            f"cannot start the device on {host}:{port}: the port is in use (--port)"
-        )
+    ports = [] if port is None else [port + i for i in range(count)]
+    while len(ports) < count:
+        if (free := free_port(host)) not in ports:
+            ports.append(free)
+    for p in ports:
+        if not _port_free(host, p):
+            raise EdgecompError(
+                f"cannot start the device on {host}:{p}: the port is in use (--port)"
+            )
     key = key or board.rpc_key
+    procs, infos = [], []
+    try:
+        for p in ports:
+            proc, info = _launch(board, folder, host, p, tracker, key)
+            procs.append(proc)
+            infos.append(info)
+        where = ", ".join(info["address"] for info in infos)
+        what = (
+            f"the emulated {board.name}" if count == 1 else f"{count} emulated {board.name} devices"
+        )
+        if tracker is not None:
+            where += f", registering with the tracker {tracker} as {key!r}"
+        with step(f"starting {what} on {where} (TVM under qemu-user)"):
+            _wait_ready(board, procs, infos, tracker, key, timeout)
+    except BaseException:
+        for info in infos:
+            stop_emulated_devices(info["port"])
+        raise
+    return infos
+
+
+def _launch(
+    board: Board, folder: Path, host: str, port: int, tracker: str | None, key: str
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Start one device's RPC server in the background and record it; do not wait."""
     log = _state_dir() / f"{port}.log"
     cmd = [str(folder / "python"), "-m", "tvm.exec.rpc_server", "--host", host,
            "--port", str(port), "--port-end", str(port + 1)]  # fmt: skip
@@ -281,34 +333,72 @@ def start_emulated_device(
             start_new_session=True,
         )
     info = {"board": board.name, "host": host, "port": port, "pid": proc.pid, "log": str(log),
-            "tracker": tracker, "key": key}  # fmt: skip
+            "tracker": tracker, "key": key,
+            "address": f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"}  # fmt: skip
     (_state_dir() / f"{port}.json").write_text(json.dumps(info))
-    address = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-    with step(f"starting the emulated {board.name} on {address} (TVM under qemu-user)"):
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                _forget(port)
-                tail = "\n".join(log.read_text().strip().splitlines()[-8:])
-                raise EdgecompError(f"the emulated {board.name} exited at start-up:\n{tail}")
-            if time.monotonic() > deadline:
-                stop_emulated_devices(port)
-                raise EdgecompError(
-                    f"the emulated {board.name} did not answer on {address} within {timeout:g} s;"
-                    f" see {log}"
-                )
+    return proc, info
+
+
+def _wait_ready(
+    board: Board,
+    procs: list[subprocess.Popen[bytes]],
+    infos: list[dict[str, Any]],
+    tracker: str | None,
+    key: str,
+    timeout: float,
+) -> None:
+    """Wait until every device answers a session (or is registered at ``tracker``), within
+    ``timeout`` seconds; raise naming the first one that exited or did not come up."""
+    from edgecomp.rpc import connect, device_arch, list_devices
+
+    start = time.monotonic()
+    pending = list(range(len(infos)))
+    also = f"; all {len(infos)} stopped" if len(infos) > 1 else ""
+    last: dict[int, str] = {}
+
+    def name(i: int) -> str:
+        which = f" {i + 1} of {len(infos)}" if len(infos) > 1 else ""
+        return f"the emulated {board.name}{which} on {infos[i]['address']}"
+
+    while pending:
+        for i in pending:
+            if procs[i].poll() is not None:
+                tail = "\n".join(Path(infos[i]["log"]).read_text().strip().splitlines()[-8:])
+                raise EdgecompError(f"{name(i)} exited at start-up{also}:\n{tail}")
+        registered: set[str] = set()
+        if tracker is not None:
             try:
-                if tracker is None:
-                    session = connect(rpc=address, timeout=30)
-                    info["arch"] = device_arch(session)
+                registered = {
+                    d["address"].rsplit(":", 1)[1] for d in list_devices(tracker) if d["key"] == key
+                }
+            except EdgecompError as err:
+                last = dict.fromkeys(pending, str(err))
+        for i in list(pending):
+            if tracker is not None:
+                ready = str(infos[i]["port"]) in registered
+            else:
+                try:
+                    session = connect(rpc=infos[i]["address"], timeout=30)
+                    infos[i]["arch"] = device_arch(session)
                     del session
-                    break
-                if any(d["key"] == key for d in list_devices(tracker, timeout=10)):
-                    break
-            except EdgecompError:
-                pass
+                    ready = True
+                except EdgecompError as err:
+                    last[i], ready = str(err), False
+            if ready:
+                pending.remove(i)
+                if len(infos) > 1:
+                    console.print(f"  {name(i)} is ready ({time.monotonic() - start:.1f} s)")
+        if pending and time.monotonic() - start > timeout:
+            i = pending[0]
+            what = (
+                "did not answer" if tracker is None else f"did not register at {tracker} as {key!r}"
+            )
+            why = f" (last: {last[i]})" if i in last else ""
+            raise EdgecompError(
+                f"{name(i)} {what} within {timeout:g} s{why}{also}; see {infos[i]['log']}"
+            )
+        if pending:
             time.sleep(1.0)
-    return info
 
 
 def _forget(port: int) -> None:
@@ -327,11 +417,12 @@ def running_devices() -> list[dict[str, Any]]:
     return records
 
 
-def stop_emulated_devices(port: int | None = None) -> list[dict[str, Any]]:
-    """Stop the emulated devices started here (all, or the one on ``port``); return them."""
+def stop_emulated_devices(port: int | None = None, key: str | None = None) -> list[dict[str, Any]]:
+    """Stop the emulated devices started here (all, the one on ``port``, or those registered
+    under ``key``); return them."""
     stopped = []
     for info in running_devices():
-        if port is not None and info["port"] != port:
+        if (port is not None and info["port"] != port) or (key is not None and info["key"] != key):
             continue
         try:
             os.killpg(info["pid"], signal.SIGTERM)
@@ -342,7 +433,8 @@ def stop_emulated_devices(port: int | None = None) -> list[dict[str, Any]]:
                 break
             time.sleep(0.1)
         else:
-            os.killpg(info["pid"], signal.SIGKILL)
+            with suppress(ProcessLookupError):
+                os.killpg(info["pid"], signal.SIGKILL)
         _forget(info["port"])
         stopped.append(info)
     return stopped

@@ -108,6 +108,44 @@ def list_devices(tracker: str, timeout: float = 10.0) -> list[dict[str, Any]]:
     return sorted(devices, key=lambda d: (d["key"], d["address"]))
 
 
+def wait_for_devices(
+    tracker: str,
+    key: str,
+    timeout: float = 60.0,
+    min_free: int = 1,
+    tracker_timeout: float = 10.0,
+) -> int:
+    """Wait until devices with ``key`` are registered at ``tracker``, ``min_free`` of them free.
+
+    Returns how many devices are registered under ``key``. Raises, naming the tracker, the key,
+    the keys that are registered and the time waited, when none shows up (or too few are free)
+    within ``timeout`` seconds; ``timeout=0`` checks once. An unreachable tracker is an error at
+    once; each question to the tracker gives up after ``tracker_timeout`` seconds. TVM's own
+    request for a key nobody registered waits forever: ask this first.
+    """
+    start = time.monotonic()
+    while True:
+        devices = list_devices(tracker, timeout=tracker_timeout)
+        mine = [d for d in devices if d["key"] == key]
+        free = mine[0]["free"] if mine else 0  # the tracker counts free devices per key
+        if mine and free >= min_free:
+            return len(mine)
+        waited = time.monotonic() - start
+        if waited >= timeout:
+            after = f" after waiting {waited:.0f} s" if timeout > 0 else ""
+            if mine:
+                raise EdgecompError(
+                    f"{free} of the {len(mine)} devices with key {key!r} at the tracker {tracker}"
+                    f" are free, {min_free} needed{after}"
+                )
+            known = ", ".join(sorted({d["key"] for d in devices})) or "none"
+            raise EdgecompError(
+                f"no device with key {key!r} is registered at the tracker {tracker}"
+                f" (registered keys: {known}){after}; see edgecomp devices --tracker {tracker}"
+            )
+        time.sleep(min(1.0, timeout - waited))
+
+
 def connect(
     rpc: str | None = None,
     tracker: str | None = None,
@@ -135,13 +173,7 @@ def connect(
         raise EdgecompError(
             "say where the device is: --rpc HOST:PORT, or --tracker HOST:PORT --key KEY"
         )
-    devices = list_devices(tracker, timeout)
-    if not any(d["key"] == key for d in devices):
-        known = ", ".join(sorted({d["key"] for d in devices})) or "none"
-        raise EdgecompError(
-            f"no device with key {key!r} is registered at the tracker {tracker}"
-            f" (registered keys: {known}); see edgecomp devices --tracker {tracker}"
-        )
+    wait_for_devices(tracker, key, timeout=0, min_free=0, tracker_timeout=timeout)
     host, port = parse_address(tracker, "--tracker")
 
     def request() -> Any:
@@ -170,7 +202,13 @@ def start_tracker(host: str = "127.0.0.1", port: int = 9190) -> Any:  # tvm.rpc.
         raise EdgecompError(
             f"cannot start a tracker on {host}:{port}: {err.strerror or err}"
         ) from err
-    return Tracker(host=host, port=port, port_end=port + 1, silent=True)
+    tracker = Tracker(host=host, port=port, port_end=port + 1, silent=True)
+    try:  # checked: it answers on exactly host:port
+        tracker_summary(f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}", timeout=30)
+    except EdgecompError as err:
+        tracker.proc.kill()  # not terminate(): it asks the silent tracker to stop, and waits
+        raise EdgecompError(f"the tracker on {host}:{port} did not start: {err}") from err
+    return tracker
 
 
 def serve_tracker(host: str = "127.0.0.1", port: int = 9190) -> None:

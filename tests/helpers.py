@@ -53,11 +53,24 @@ def tiny_cnn(
     return path
 
 
-def edgecomp(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the ``edgecomp`` command in a fresh process, capturing its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "edgecomp", *args], capture_output=True, text=True, timeout=timeout
-    )
+def edgecomp(*args: str, timeout: float = 420) -> subprocess.CompletedProcess[str]:
+    """Run the ``edgecomp`` command in a fresh process, capturing its output.
+
+    Bounded: fails the test, naming the command and showing its output so far, when it does
+    not finish within ``timeout`` seconds (above the 300 s an emulated device may take).
+    """
+    import pytest
+
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "edgecomp", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as err:
+        out = err.stderr.decode() if isinstance(err.stderr, bytes) else err.stderr or ""
+        pytest.fail(f"edgecomp {' '.join(args)} did not finish within {timeout:g} s:\n{out}")
 
 
 def assert_clean_error(result: subprocess.CompletedProcess[str], message: str) -> None:
@@ -70,25 +83,35 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], message: str) -
 
 
 def wait_for_rpc_server(
-    proc: subprocess.Popen[bytes], host: str, port: int, timeout: float = 120.0
+    proc: subprocess.Popen[bytes], host: str, port: int, log: Path, timeout: float = 120.0
 ) -> None:
-    """Wait until the RPC server ``proc`` answers a session on ``host:port``.
+    """Wait until the RPC server ``proc`` (its output in ``log``) answers on ``host:port``.
 
-    Bounded and checked: fails the test, saying what did not start, when the process exits
-    or no session opens within ``timeout`` seconds (generous: the machine may be loaded).
+    Bounded and checked: fails the test, saying what did not start and with the end of its
+    log, when the process exits or no session opens within ``timeout`` seconds (generous: the
+    machine may be loaded). Each attempt is bounded too: a server that accepts the connection
+    but never answers would hold TVM's own ``rpc.connect`` forever.
     """
     import pytest
-    from tvm import rpc
 
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
+    from edgecomp.errors import EdgecompError
+    from edgecomp.rpc import connect
+
+    start = time.monotonic()
+    last = "no attempt"
+    while True:
         if proc.poll() is not None:
-            pytest.fail(f"the RPC server for {host}:{port} exited with {proc.returncode}")
+            tail = "\n".join(log.read_text().strip().splitlines()[-8:])
+            pytest.fail(f"the RPC server for {host}:{port} exited with {proc.returncode}:\n{tail}")
+        left = timeout - (time.monotonic() - start)
+        if left <= 0:
+            pytest.fail(
+                f"the RPC server on {host}:{port} did not answer within {timeout:g} s ({last});"
+                f" see {log}"
+            )
         try:
-            rpc.connect(host, port, session_timeout=10)
+            connect(rpc=f"{host}:{port}", timeout=max(1.0, min(left, 30.0)))
             return
-        except Exception as err:  # noqa: BLE001 - not listening yet
-            last = err
+        except EdgecompError as err:  # not listening yet
+            last = str(err)
             time.sleep(0.2)
-    pytest.fail(f"the RPC server on {host}:{port} did not answer within {timeout:.0f} s: {last}")

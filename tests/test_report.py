@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -25,6 +24,7 @@ from edgecomp.kernels import chain_memory as cm
 from edgecomp.kernels import chain_spec as cs
 from edgecomp.package import read_package, write_package
 from edgecomp.pipeline import lower
+from edgecomp.rpc import free_port
 from edgecomp.runner import Loaded, open_package
 from edgecomp.targets import load_board
 
@@ -191,34 +191,38 @@ def test_local_times_cover_every_kernel_and_plot_is_png(package, tmp_path) -> No
 
 
 @pytest.fixture
-def rpc_server():  # noqa: ANN201 - (host, port)
+def rpc_server(tmp_path):  # noqa: ANN001, ANN201 - (host, port)
     """A TVM RPC server on this machine, in its own process: a stand-in for a remote device."""
-    with socket.socket() as probe:  # a port nobody else on this shared machine is using
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tvm.exec.rpc_server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--port-end",
-            str(port + 1),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "TVM_NUM_THREADS": "1"},
-        start_new_session=True,  # the server runs in a worker process of its own: stop both
-    )
+    port = free_port()  # a port nobody else on this shared machine is using
+    log = tmp_path / "rpc_server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tvm.exec.rpc_server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--port-end",
+                str(port + 1),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TVM_NUM_THREADS": "1"},
+            start_new_session=True,  # the server runs in a worker process of its own: stop both
+        )
     try:
-        wait_for_rpc_server(proc, "127.0.0.1", port)
+        wait_for_rpc_server(proc, "127.0.0.1", port, log)
         yield "127.0.0.1", port
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
 
 
 def test_times_over_rpc_cover_every_kernel(package, rpc_server) -> None:  # noqa: ANN001

@@ -56,6 +56,7 @@ from edgecomp.kernels.chain_spec import (
     ChainSpec,
     ConvGeometry,
 )
+from edgecomp.kernels.schedules import choice_knob, divisors, tile_knob
 from edgecomp.kernels.target_info import CpuInfo, cpu_info, num_cores
 
 
@@ -488,6 +489,14 @@ def register_tile(bcast: int, vec: int, lanes: int, registers: int) -> tuple[int
     return best[1], best[2], lanes_used
 
 
+def _vectors_knob(
+    sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, n_vec: int, lanes: int
+) -> s_tir.schedule.ExprRV:
+    """Vectors of pixels in a GEMM stage's register tile: ``sample_categorical`` over the
+    divisors (up to 8) of the vectors in ``loop``, default ``n_vec``."""
+    return choice_knob(sch, divisors(int(sch.get(loop).extent) // lanes, 8), n_vec)
+
+
 def _gemm_stage(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, info: CpuInfo) -> None:
     """Register-tile a projection whose three innermost loops are (channel, pixel, reduction).
 
@@ -498,8 +507,8 @@ def _gemm_stage(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, info: CpuIn
     m, n_vec, lanes = register_tile(
         int(sch.get(ch).extent), int(sch.get(px).extent), info.lanes, info.registers
     )
-    ch_o, ch_i = sch.split(ch, [None, m])
-    px_o, px_v, px_l = sch.split(px, [None, n_vec, lanes])
+    ch_o, ch_i = sch.split(ch, tile_knob(sch, ch, m))
+    px_o, px_v, px_l = sch.split(px, [None, _vectors_knob(sch, px, n_vec, lanes), lanes])
     sch.reorder(ch_o, px_o, red, ch_i, px_v, px_l)
     out = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(out, px_o, preserve_unit_loops=True)
@@ -531,6 +540,19 @@ def schedule_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
     Both projections are GEMMs along a tile's flat pixels with register tiles from
     :func:`register_tile`; the middle stage vectorizes along output columns, its padding a
     condition. GKPD chains keep their own schedule (:func:`schedule_gkpd_cpu`).
+
+    Knobs (drawn from the schedule, see :func:`edgecomp.kernels.schedules.tile_knob`; the
+    defaults are :func:`register_tile`'s picks; the row tile and rank block stay in the
+    compute):
+
+    - ``out_m``: output channels of the output projection's register tile,
+      ``sample_perfect_tile`` of K, divisors up to 16; default ``m``.
+    - ``out_vec``: pixel vectors of that tile, ``sample_categorical`` over the divisors (up
+      to 8) of the tile's vectors; default ``n_vec``.
+    - ``in_m``, ``in_vec``: the same two for the input projection (channels of its stage,
+      vectors of its window's pixels).
+
+    GKPD chains have no knob.
     """
     if str(func.attrs[ATTR_KIND]) == "gkpd":
         return schedule_gkpd_cpu(func, target)
@@ -548,8 +570,8 @@ def schedule_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
     b, k, p = sch.get_loops(out)
     p_t, p_i = sch.split(p, [tiles, rows * wo])
     m, n_vec, lanes = register_tile(int(sch.get(k).extent), rows * wo, info.lanes, info.registers)
-    k_o, k_i = sch.split(k, [None, m])
-    p_o, p_v, p_l = sch.split(p_i, [None, n_vec, lanes])
+    k_o, k_i = sch.split(k, tile_knob(sch, k, m))
+    p_o, p_v, p_l = sch.split(p_i, [None, _vectors_knob(sch, p_i, n_vec, lanes), lanes])
     sch.reorder(b, p_t, k_o, p_o, k_i, p_v, p_l)
     tile = sch.fuse(b, p_t)
     sch.parallel(tile)

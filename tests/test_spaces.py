@@ -1,11 +1,11 @@
 """The CPU schedule rules as MetaSchedule design spaces (``apply(..., tunable=True)``).
 
-Each kernel (MEC 3x3, in-place 1x1 GEMM, grouped, depthwise, fused CP chain, GEMV, matmul)
-is lowered the way ``edgecomp compile`` lowers it, up to the schedule phase, and its task
-taken by ``extract_tasks``. Then: the space's default point is the untuned schedule; the
-trace replayed with fresh decisions gives schedules that differ from it and still compute
-the same numbers; MetaSchedule's own ReplayTrace draws candidates from a space without
-crashing.
+Each kernel (MEC 3x3, in-place 1x1 GEMM, grouped, im2col, NCHW variants, depthwise, fused
+CP / Tucker-2 / GKPD chains, GEMV, matmul) is lowered the way ``edgecomp compile`` lowers
+it, up to the schedule phase, and its task taken by ``extract_tasks``. Then: the space's
+default point is the untuned schedule; the trace replayed with fresh decisions gives
+schedules that differ from it and still compute the same numbers; MetaSchedule's own
+ReplayTrace draws candidates from every space without crashing.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tvm
 import tvm_ffi
+from test_refuse_chains import GEOMS, gkpd_chain_module
 from tvm import relax, s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.schedule import Trace
@@ -146,6 +147,16 @@ KERNELS = {
         lambda: tucker2_chain(8, 12, 6, 4, 16),
         CHAIN,
         "fused_tucker2",
+        {"refuse": "all"},
+    ),
+    "gkpd_chain": (
+        lambda: (
+            gkpd_chain_module(
+                np.random.default_rng(3), (2, 2, 2, 3, 1), (2, 4, 3, 1, 3), (12, 11), GEOMS["s1p1"]
+            ).mod
+        ),
+        CHAIN,
+        "fused_gkpd",
         {"refuse": "all"},
     ),
     "gemv": (lambda: dense(1, 256, 32), MATMUL, "matmul", {}),

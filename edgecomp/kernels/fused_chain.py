@@ -421,7 +421,7 @@ def _schedule_stage(
     if c is not None:
         cb = divisor(int(sch.get(c).extent), unroll_c)
         if cb > 1:
-            c, c_i = sch.split(c, [None, cb])
+            c, c_i = sch.split(c, [None, _power_knob(sch, c, cb, 16)])
             inner.append(c_i)
         order.append(c)
     if y is not None:
@@ -429,7 +429,7 @@ def _schedule_stage(
     x_i = None
     if x is not None:
         if xb > 1:
-            x, x_i = sch.split(x, [None, xb])
+            x, x_i = sch.split(x, [None, _power_knob(sch, x, xb, lanes)])
         order.append(x)
     sch.reorder(*order, *red, *inner, *([x_i] if x_i is not None else []))
     if parallel:  # the outermost channel block: enough chunks, no write conflicts
@@ -444,6 +444,16 @@ def _schedule_stage(
         _try(sch.vectorize, x_i)
     if red and decompose:  # after vectorize: once split off, the update is not a "reduction block"
         _try(sch.decompose_reduction, block, red[0])
+
+
+def _power_knob(
+    sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, default: int, limit: int
+) -> s_tir.schedule.ExprRV:
+    """An inner split factor of ``loop``: ``sample_categorical`` over the powers of two up to
+    ``limit`` dividing its extent (1 included), default ``default``."""
+    extent = int(sch.get(loop).extent)
+    powers = [1 << i for i in range(limit.bit_length()) if (1 << i) <= limit]
+    return choice_knob(sch, sorted({*(p for p in powers if extent % p == 0), default}), default)
 
 
 def _try_block(
@@ -552,7 +562,7 @@ def schedule_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
     - ``in_m``, ``in_vec``: the same two for the input projection (channels of its stage,
       vectors of its window's pixels).
 
-    GKPD chains have no knob.
+    GKPD chains: see :func:`schedule_gkpd_cpu`.
     """
     if str(func.attrs[ATTR_KIND]) == "gkpd":
         return schedule_gkpd_cpu(func, target)
@@ -625,6 +635,14 @@ def schedule_gkpd_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
 
     Each stage is vectorized along its columns. With fewer row tiles than cores each stage's
     outer channel-block loop is parallel instead of the tile loop.
+
+    Knobs, per stage (input then output), where the heuristic splits at all
+    (``sample_categorical`` over powers of two dividing the loop, 1 included):
+
+    - ``c_block``: output channels unrolled, up to 16; default the largest power of two up
+      to :data:`UNROLL_C` dividing them.
+    - ``x_vec``: columns vectorized, up to 2 vectors; default the largest power of two up to
+      that dividing them.
     """
     sch = s_tir.Schedule(func)
     names = _block_names(sch)

@@ -559,8 +559,11 @@ def schedule_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
       ``sample_perfect_tile`` of K, divisors up to 16; default ``m``.
     - ``out_vec``: pixel vectors of that tile, ``sample_categorical`` over the divisors (up
       to 8) of the tile's vectors; default ``n_vec``.
-    - ``in_m``, ``in_vec``: the same two for the input projection (channels of its stage,
-      vectors of its window's pixels).
+    - ``mid_vec``: output columns vectorized in the middle stage, ``sample_categorical``
+      over the powers of two up to the vector width dividing Wo (1 included); default the
+      largest. None when that is 1 (the stage stays scalar).
+    - ``in_m``, ``in_vec``: the same as ``out_m``, ``out_vec`` for the input projection
+      (channels of its stage, vectors of its window's pixels).
 
     GKPD chains: see :func:`schedule_gkpd_cpu`.
     """
@@ -611,9 +614,12 @@ def schedule_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
     blocked = str(func.attrs[ATTR_KIND]) == "cp" and rb < ranks
     ch_o, ch = sch.split(ch, [None, rb]) if blocked else (tile, ch)
     col_lanes = divisor(wo, info.lanes)
+    vectorized = col_lanes > 1
+    if vectorized:
+        col_lanes = _power_knob(sch, xo, col_lanes, info.lanes)
     xo_o, xo_l = sch.split(xo, [None, col_lanes])
     sch.reorder(ch, yy, xo_o, *red, xo_l)
-    if col_lanes > 1:
+    if vectorized:
         sch.vectorize(xo_l)
     sch.decompose_reduction(mid, red[0])
     # The input projection of the window: per rank block (CP) or per tile (Tucker-2).

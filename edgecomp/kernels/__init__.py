@@ -9,6 +9,12 @@
 - :mod:`.fused_chain` - one kernel for a whole CP / Tucker-2 / GKPD chain (T1000 re-fusion),
   intermediates per output tile.
 - :mod:`.schedules` - rules for matmul and everything else, and the shared helpers.
+
+On CPUs each rule's schedule is also a MetaSchedule design space: its knobs are drawn from
+the schedule (``sample_perfect_tile`` / ``sample_categorical``, see
+:func:`.schedules.tile_knob`) with the heuristic pick as the decision, so its trace replays
+with any other decision and its default point is the untuned schedule; ``tunable`` changes
+nothing there.
 """
 
 from __future__ import annotations

@@ -65,8 +65,14 @@ def schedule_conv_gemm_cpu(
     straight from the register tile touched ``k_vec * lanes`` output planes per tile and made
     small-reduction layers, VGG conv1_1, 10x slower).
 
-    With ``tunable`` the register tile (columns, vectors) is sampled with
-    ``sample_perfect_tile`` within the padded width, for MetaSchedule to search.
+    Knobs (drawn from the schedule, see :func:`schedules.tile_knob`; ``tunable`` or not, the
+    default decisions give the same schedule; the width padding ``tile_w`` and the weight
+    panel ``n_vec * lanes`` are baked into the compute at legalization):
+
+    - ``q_tile``: output columns of the register tile, ``sample_perfect_tile`` of the padded
+      width, divisors up to 16; default ``tile_w``.
+    - ``k_vec``: channel vectors of the register tile, ``sample_categorical`` over the
+      divisors of ``n_vec`` (a tile stays inside one weight panel); default ``n_vec``.
     """
     tile_w = _ann_int(sch, block, TILE_W)
     n_vec = _ann_int(sch, block, TILE_VEC)
@@ -81,13 +87,9 @@ def schedule_conv_gemm_cpu(
     out_block = schedules.inline_epilogues(sch, out_block)
 
     b, p, q, k, ri, rj, rc = sch.get_loops(block)
-    if tunable:
-        q_o, q_i = sch.split(q, sch.sample_perfect_tile(q, n=2, max_innermost_factor=16))
-        k_rest, k_l = sch.split(k, [None, lanes])
-        k_o, k_v = sch.split(k_rest, sch.sample_perfect_tile(k_rest, n=2, max_innermost_factor=4))
-    else:
-        q_o, q_i = sch.split(q, [None, tile_w])
-        k_o, k_v, k_l = sch.split(k, [None, n_vec, lanes])
+    q_o, q_i = sch.split(q, schedules.tile_knob(sch, q, tile_w))
+    k_vec = schedules.choice_knob(sch, schedules.divisors(n_vec, n_vec), n_vec)
+    k_o, k_v, k_l = sch.split(k, [None, k_vec, lanes])
     outer = [b, p, k_o] if rows_outer else [b, k_o, p]
     sch.reorder(*outer, q_o, ri, rj, rc, q_i, k_v, k_l)
     # Parallelize before decompose_reduction: TVM only parallelizes loops over complete or
@@ -97,7 +99,7 @@ def schedule_conv_gemm_cpu(
     if nhwc:
         _write_tile_nhwc(sch, block, out_block, q_o, lanes)
     else:
-        sch.reverse_compute_at(write_back, q_o)
+        sch.reverse_compute_at(write_back, q_o, preserve_unit_loops=True)
         try:
             sch.reverse_compute_at(out_block, fused)
         except SCHEDULE_ERRORS:

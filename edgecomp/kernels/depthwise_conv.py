@@ -117,6 +117,17 @@ def schedule_depthwise_cpu(
     NHWC: parallel over output rows, then a register tile of ``tile_q`` columns x ``n_vec``
     channel vectors under the ``kh x kw`` taps. NCHW: parallel over (n, k, p), a vector of
     output columns.
+
+    Knobs (drawn from the schedule, see :func:`schedules.tile_knob`; the defaults give the
+    heuristic schedule):
+
+    - NHWC ``q_tile``: output columns of the register tile, ``sample_perfect_tile`` of the
+      output width, divisors up to 8; default the largest of 4, 3, 2, 1 dividing it.
+    - NHWC ``o_vec``: channel vectors of the register tile, ``sample_categorical`` over 1, 2
+      and 4 where they divide the channel vectors; default 2 when it divides them, else 1.
+    - NCHW ``q_tile``: output columns per vector, ``sample_perfect_tile`` of the output width
+      (divisors up to 16) when the vector width divides it; default the vector width (1 when
+      the width is narrower). Otherwise fixed.
     """
     lanes = cpu_info(target).lanes
     _inline_padding(sch, block)
@@ -128,9 +139,9 @@ def schedule_depthwise_cpu(
         b, o, p, q, ri, rj = sch.get_loops(block)
         wo = int(sch.get(q).extent)
         tile = lanes if wo >= lanes else 1
-        q_o, q_i = sch.split(q, [None, tile])
+        q_o, q_i = sch.split(q, schedules.tile_knob(sch, q, tile))
         sch.reorder(b, o, p, q_o, ri, rj, q_i)
-        sch.reverse_compute_at(write_back, q_o)
+        sch.reverse_compute_at(write_back, q_o, preserve_unit_loops=True)
         sch.parallel(sch.fuse(b, o, p))
         sch.decompose_reduction(block, ri)
     schedules.schedule_leftovers(sch, target)
@@ -147,10 +158,12 @@ def _schedule_nhwc(
     tile_q = next(t for t in (4, 3, 2, 1) if wo % t == 0)
     write_back = sch.cache_write(block, 0, "local")
     write_back = schedules.inline_epilogues(sch, write_back)
-    q_o, q_i = sch.split(q, [None, tile_q])
-    o_o, o_v, o_l = sch.split(o, [None, n_vec, vec])
+    q_o, q_i = sch.split(q, schedules.tile_knob(sch, q, tile_q, max_inner=8))
+    vectors = [v for v in (1, 2, 4) if (channels // vec) % v == 0]
+    o_vec = schedules.choice_knob(sch, vectors, n_vec)
+    o_o, o_v, o_l = sch.split(o, [None, o_vec, vec])
     sch.reorder(b, p, q_o, o_o, ri, rj, q_i, o_v, o_l)
-    sch.reverse_compute_at(write_back, o_o)
+    sch.reverse_compute_at(write_back, o_o, preserve_unit_loops=True)
     sch.parallel(sch.fuse(b, p))
     sch.unroll(ri)
     sch.unroll(rj)

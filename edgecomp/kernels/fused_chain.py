@@ -56,6 +56,7 @@ from edgecomp.kernels.chain_spec import (
     ChainSpec,
     ConvGeometry,
 )
+from edgecomp.kernels.schedules import choice_knob, divisors, tile_knob
 from edgecomp.kernels.target_info import CpuInfo, cpu_info, num_cores
 
 
@@ -420,7 +421,7 @@ def _schedule_stage(
     if c is not None:
         cb = divisor(int(sch.get(c).extent), unroll_c)
         if cb > 1:
-            c, c_i = sch.split(c, [None, cb])
+            c, c_i = sch.split(c, [None, _power_knob(sch, c, cb, 16)])
             inner.append(c_i)
         order.append(c)
     if y is not None:
@@ -428,7 +429,7 @@ def _schedule_stage(
     x_i = None
     if x is not None:
         if xb > 1:
-            x, x_i = sch.split(x, [None, xb])
+            x, x_i = sch.split(x, [None, _power_knob(sch, x, xb, lanes)])
         order.append(x)
     sch.reorder(*order, *red, *inner, *([x_i] if x_i is not None else []))
     if parallel:  # the outermost channel block: enough chunks, no write conflicts
@@ -443,6 +444,16 @@ def _schedule_stage(
         _try(sch.vectorize, x_i)
     if red and decompose:  # after vectorize: once split off, the update is not a "reduction block"
         _try(sch.decompose_reduction, block, red[0])
+
+
+def _power_knob(
+    sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, default: int, limit: int
+) -> s_tir.schedule.ExprRV:
+    """An inner split factor of ``loop``: ``sample_categorical`` over the powers of two up to
+    ``limit`` dividing its extent (1 included), default ``default``."""
+    extent = int(sch.get(loop).extent)
+    powers = [1 << i for i in range(limit.bit_length()) if (1 << i) <= limit]
+    return choice_knob(sch, sorted({*(p for p in powers if extent % p == 0), default}), default)
 
 
 def _try_block(
@@ -488,6 +499,14 @@ def register_tile(bcast: int, vec: int, lanes: int, registers: int) -> tuple[int
     return best[1], best[2], lanes_used
 
 
+def _vectors_knob(
+    sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, n_vec: int, lanes: int
+) -> s_tir.schedule.ExprRV:
+    """Vectors of pixels in a GEMM stage's register tile: ``sample_categorical`` over the
+    divisors (up to 8) of the vectors in ``loop``, default ``n_vec``."""
+    return choice_knob(sch, divisors(int(sch.get(loop).extent) // lanes, 8), n_vec)
+
+
 def _gemm_stage(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, info: CpuInfo) -> None:
     """Register-tile a projection whose three innermost loops are (channel, pixel, reduction).
 
@@ -498,8 +517,8 @@ def _gemm_stage(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, info: CpuIn
     m, n_vec, lanes = register_tile(
         int(sch.get(ch).extent), int(sch.get(px).extent), info.lanes, info.registers
     )
-    ch_o, ch_i = sch.split(ch, [None, m])
-    px_o, px_v, px_l = sch.split(px, [None, n_vec, lanes])
+    ch_o, ch_i = sch.split(ch, tile_knob(sch, ch, m))
+    px_o, px_v, px_l = sch.split(px, [None, _vectors_knob(sch, px, n_vec, lanes), lanes])
     sch.reorder(ch_o, px_o, red, ch_i, px_v, px_l)
     out = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(out, px_o, preserve_unit_loops=True)
@@ -531,6 +550,22 @@ def schedule_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
     Both projections are GEMMs along a tile's flat pixels with register tiles from
     :func:`register_tile`; the middle stage vectorizes along output columns, its padding a
     condition. GKPD chains keep their own schedule (:func:`schedule_gkpd_cpu`).
+
+    Knobs (drawn from the schedule, see :func:`edgecomp.kernels.schedules.tile_knob`; the
+    defaults are :func:`register_tile`'s picks; the row tile and rank block stay in the
+    compute):
+
+    - ``out_m``: output channels of the output projection's register tile,
+      ``sample_perfect_tile`` of K, divisors up to 16; default ``m``.
+    - ``out_vec``: pixel vectors of that tile, ``sample_categorical`` over the divisors (up
+      to 8) of the tile's vectors; default ``n_vec``.
+    - ``mid_vec``: output columns vectorized in the middle stage, ``sample_categorical``
+      over the powers of two up to the vector width dividing Wo (1 included); default the
+      largest. None when that is 1 (the stage stays scalar).
+    - ``in_m``, ``in_vec``: the same as ``out_m``, ``out_vec`` for the input projection
+      (channels of its stage, vectors of its window's pixels).
+
+    GKPD chains: see :func:`schedule_gkpd_cpu`.
     """
     if str(func.attrs[ATTR_KIND]) == "gkpd":
         return schedule_gkpd_cpu(func, target)
@@ -548,8 +583,8 @@ def schedule_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
     b, k, p = sch.get_loops(out)
     p_t, p_i = sch.split(p, [tiles, rows * wo])
     m, n_vec, lanes = register_tile(int(sch.get(k).extent), rows * wo, info.lanes, info.registers)
-    k_o, k_i = sch.split(k, [None, m])
-    p_o, p_v, p_l = sch.split(p_i, [None, n_vec, lanes])
+    k_o, k_i = sch.split(k, tile_knob(sch, k, m))
+    p_o, p_v, p_l = sch.split(p_i, [None, _vectors_knob(sch, p_i, n_vec, lanes), lanes])
     sch.reorder(b, p_t, k_o, p_o, k_i, p_v, p_l)
     tile = sch.fuse(b, p_t)
     sch.parallel(tile)
@@ -579,9 +614,12 @@ def schedule_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
     blocked = str(func.attrs[ATTR_KIND]) == "cp" and rb < ranks
     ch_o, ch = sch.split(ch, [None, rb]) if blocked else (tile, ch)
     col_lanes = divisor(wo, info.lanes)
+    vectorized = col_lanes > 1
+    if vectorized:
+        col_lanes = _power_knob(sch, xo, col_lanes, info.lanes)
     xo_o, xo_l = sch.split(xo, [None, col_lanes])
     sch.reorder(ch, yy, xo_o, *red, xo_l)
-    if col_lanes > 1:
+    if vectorized:
         sch.vectorize(xo_l)
     sch.decompose_reduction(mid, red[0])
     # The input projection of the window: per rank block (CP) or per tile (Tucker-2).
@@ -603,6 +641,14 @@ def schedule_gkpd_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
 
     Each stage is vectorized along its columns. With fewer row tiles than cores each stage's
     outer channel-block loop is parallel instead of the tile loop.
+
+    Knobs, per stage (input then output), where the heuristic splits at all
+    (``sample_categorical`` over powers of two dividing the loop, 1 included):
+
+    - ``c_block``: output channels unrolled, up to 16; default the largest power of two up
+      to :data:`UNROLL_C` dividing them.
+    - ``x_vec``: columns vectorized, up to 2 vectors; default the largest power of two up to
+      that dividing them.
     """
     sch = s_tir.Schedule(func)
     names = _block_names(sch)

@@ -23,7 +23,7 @@ import logging
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
-from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
+from tvm.s_tir.schedule import ExprRV, LoopRV, SBlockRV, ScheduleError
 from tvm.target import Target
 
 from edgecomp.kernels.target_info import cpu_info, is_gpu, num_cores
@@ -98,11 +98,55 @@ def _inline_side_chain(sch: s_tir.Schedule, consumers: list[SBlockRV]) -> bool:
     return False
 
 
+# ----------------------------------------------------------------------------- knobs
+# Every choice a rule makes for a kernel's speed alone is drawn from the schedule itself, with
+# today's heuristic pick as the decision: the trace of the schedule is then a MetaSchedule
+# design space whose default point is the untuned schedule. The rules never branch in Python
+# on a drawn value, so the trace replays with any other decision.
+def tile_knob(
+    sch: s_tir.Schedule, loop: LoopRV, inner: int, max_inner: int = 16
+) -> list[ExprRV | int | None]:
+    """Split factors ``[outer, inner]`` of ``loop``: ``sample_perfect_tile`` with ``inner``
+    (a divisor of the loop's extent) as its decision, candidates every divisor up to
+    ``max(max_inner, inner)``. Where ``inner`` does not divide the extent (a split with a
+    tail) the factors are the fixed ``[None, inner]``."""
+    extent = sch.get(loop).extent
+    if not isinstance(extent, tirx.IntImm) or int(extent) % inner:
+        return [None, inner]
+    return list(
+        sch.sample_perfect_tile(
+            loop,
+            n=2,
+            max_innermost_factor=max(max_inner, inner),
+            decision=[int(extent) // inner, inner],
+        )
+    )
+
+
+def choice_knob(sch: s_tir.Schedule, candidates: list[int], default: int) -> ExprRV:
+    """``sample_categorical`` over ``candidates`` (uniform), ``default`` as its decision."""
+    return sch.sample_categorical(
+        candidates=list(candidates),
+        probs=[1.0 / len(candidates)] * len(candidates),
+        decision=list(candidates).index(default),
+    )
+
+
+def divisors(n: int, limit: int) -> list[int]:
+    """The divisors of ``n`` up to ``limit``, ascending."""
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
 def write_tile(sch: s_tir.Schedule, block: SBlockRV, outer: LoopRV, lanes: int) -> None:
     """Schedule the loops of ``block`` (a register tile's write-back) inside ``outer``: the
     innermost split into whole vectors, every other loop unrolled. The accumulators are then
     read at constant indices and stay in registers; one loop left rolled puts them all on the
-    stack (MobileNet v2's 1x1 24 -> 144 layer: 0.30 -> 0.25 ms)."""
+    stack (MobileNet v2's 1x1 24 -> 144 layer: 0.30 -> 0.25 ms).
+
+    In a design space (see :func:`tile_knob`) this replays with any decision as long as the
+    number of ``block``'s loops and whether the innermost extent is a multiple of ``lanes``
+    do not depend on it: place ``block`` with ``preserve_unit_loops=True`` and keep the
+    innermost extent a drawn count of whole vectors."""
     loops = sch.get_loops(block)
     at = [sch.get(lp).same_as(sch.get(outer)) for lp in loops]
     tile = loops[at.index(True) + 1 :] if True in at else loops
@@ -342,6 +386,17 @@ class Matmul(ScheduleRule):
     a partial row of C that stays in L1, four weight rows per pass over the row. Larger
     matmuls get column chunks per core with a local accumulator. Epilogues (bias, ReLU) are
     inlined where legal, else scheduled as plain vectorized loops.
+
+    Knobs (drawn from the schedule, see :func:`tile_knob`; the defaults give the heuristic
+    schedule):
+
+    - GEMV ``reduction``: ``sample_perfect_tile`` of the reduction in three (parts over the
+      cores, steps, weight rows unrolled per step; innermost at most 8); default
+      ``[2 * cores (else cores, else 1), rest, 4 (else 1)]``.
+    - Column chunks ``chunk``: columns per parallel task, ``sample_categorical`` over the
+      multiples of the vector width among 4 ... 512 dividing the columns (and the default);
+      default the largest with at least one chunk per core. None when the default chunk is
+      not a whole number of vectors.
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
@@ -376,11 +431,16 @@ def _schedule_gemv(sch: s_tir.Schedule, block: SBlockRV, target: Target) -> None
     parts = 2 * num_cores(target)
     if n_red % parts:
         parts = num_cores(target) if n_red % num_cores(target) == 0 else 1
-    red_o, _ = sch.split(red, [parts, None])
-    partial = sch.rfactor(red_o, 0)
-    *rows, col, part, red_i = sch.get_loops(partial)  # rfactor keeps the loop order
     unroll = 4 if (n_red // parts) % 4 == 0 else 1
-    red_io, red_ii = sch.split(red_i, [None, unroll])
+    # One perfect 3-way tile of the reduction: (parts, steps, unrolled weight rows).
+    red_o, red_io, red_ii = sch.split(
+        red,
+        sch.sample_perfect_tile(
+            red, n=3, max_innermost_factor=8, decision=[parts, n_red // parts // unroll, unroll]
+        ),
+    )
+    partial = sch.rfactor(red_o, 0)
+    *rows, col, part, red_io, red_ii = sch.get_loops(partial)  # rfactor keeps the loop order
     vec = lanes if n_cols % lanes == 0 else 1
     col_o, col_v = sch.split(col, [None, vec])
     sch.reorder(part, *rows, red_io, col_o, red_ii, col_v)
@@ -408,22 +468,29 @@ def _schedule_column_chunks(sch: s_tir.Schedule, block: SBlockRV, target: Target
     write_back = sch.cache_write(block, 0, "local")
     write_back = inline_epilogues(sch, write_back)
     chunk = _column_chunk(n_cols, lanes, num_cores(target))
+    vectorized = chunk % lanes == 0
+    if vectorized:  # every candidate a multiple of the vector width dividing the columns
+        chunks = [c for c in _CHUNKS if c % lanes == 0 and n_cols % c == 0]
+        chunk = choice_knob(sch, sorted({*chunks, chunk}), chunk)
     *rows, col, red = sch.get_loops(block)
     col_o, col_i = sch.split(col, [None, chunk])
     sch.reorder(*rows, col_o, red, col_i)
-    sch.reverse_compute_at(write_back, col_o)
+    sch.reverse_compute_at(write_back, col_o)  # its loop: the chunk, never a unit loop
     outer = sch.fuse(*rows, col_o) if rows else col_o
     sch.parallel(outer)
-    if chunk % lanes == 0:
+    if vectorized:
         sch.vectorize(sch.split(col_i, [None, lanes])[1])
     init = sch.decompose_reduction(block, red)
-    if chunk % lanes == 0:
+    if vectorized:
         sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, lanes])[1])
+
+
+_CHUNKS = (512, 256, 128, 64, 32, 16, 8, 4)
 
 
 def _column_chunk(n_cols: int, lanes: int, cores: int) -> int:
     """Columns per parallel task: a multiple of the vector width dividing ``n_cols``, C in L1."""
-    for chunk in (512, 256, 128, 64, 32, 16, 8):
+    for chunk in _CHUNKS[:-1]:
         if chunk % lanes == 0 and n_cols % chunk == 0 and n_cols // chunk >= cores:
             return chunk
     return n_cols if n_cols <= 512 else 1
@@ -433,7 +500,8 @@ class Guarded(ScheduleRule):
     """A rule that never fails a compile: when ``rule`` raises on a function (a schedule
     primitive that does not fit it), ``fallback`` schedules it instead, and that is logged at
     debug level; if the fallback fails too, the function stays unscheduled (it still builds on
-    CPUs)."""
+    CPUs). The same with ``tunable``: the fallback then gives its untuned schedule (a design
+    space without knobs)."""
 
     def __init__(self, rule: ScheduleRule, fallback: ScheduleRule | None) -> None:
         self.rule = rule

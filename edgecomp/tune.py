@@ -32,6 +32,8 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,11 +77,11 @@ class Devices:
 
     def count(self) -> int:
         """How many devices measure in parallel (those under the key, now)."""
-        if self.tracker is None:
+        if self.tracker is None or self.key is None:
             return 1
-        from edgecomp.rpc import list_devices
+        from edgecomp.rpc import wait_for_devices
 
-        return sum(1 for d in list_devices(self.tracker) if d["key"] == self.key)
+        return wait_for_devices(self.tracker, self.key, timeout=0, min_free=0)
 
     def check(self, board: Board) -> None:
         """Fail now, with what to do, when the devices cannot run ``board``'s code."""
@@ -92,8 +94,10 @@ class Devices:
             return
         if board.is_host:
             raise EdgecompError("board 'host' runs on this machine: tune it with --local")
-        from edgecomp.rpc import connect, device_arch
+        from edgecomp.rpc import connect, device_arch, wait_for_devices
 
+        if self.tracker is not None and self.key is not None:
+            wait_for_devices(self.tracker, self.key, timeout=self.device_wait)
         session = connect(
             rpc=self.rpc, tracker=self.tracker, key=self.key, timeout=self.device_wait
         )
@@ -540,6 +544,22 @@ class TuneRun:
         self.start = time.monotonic()
         self.done_here = 0
         self.done_before = sum(work.trials.values())
+        self.interrupted = False
+
+    @contextmanager
+    def catching_sigint(self) -> Iterator[None]:
+        """Remember a Ctrl-C (MetaSchedule turns it into a bare RuntimeError) and raise it."""
+        import signal
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            self.interrupted = True
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def report(self, task: Task, measured: int, device_errors: list[str]) -> None:
         """One line per batch: trials of N, the task's best against its default, time."""
@@ -707,8 +727,7 @@ def tune(
     if trials < 1:
         raise EdgecompError("--trials must be at least 1")
     work = WorkDir.open(work_dir, board)
-    resumed = bool(work.memo)
-    if resumed:
+    if work.memo:
         records = (
             len((work.path / RECORDS_FILE).read_text().splitlines())
             if (work.path / RECORDS_FILE).is_file()
@@ -718,7 +737,7 @@ def tune(
             f"resuming: {sum(work.trials.values())} trials and {records} records found"
             f" in {work.path}"
         )
-    fcompile = board.fcompile()
+    board.fcompile()  # a missing toolchain fails before the long work
     devices.check(board)
     mod, _, _ = import_model(model_path, input_shapes, decompose)
     target = board.tvm_target()
@@ -727,6 +746,20 @@ def tune(
         tasks = kernel_tasks(lower_unscheduled(mod, target, refuse=refuse), target)
     if not tasks:
         raise EdgecompError(f"{model_path}: no kernel of edgecomp's to tune in this model")
+    return tune_kernels(tasks, board, work, trials, devices, builders)
+
+
+def tune_kernels(
+    tasks: list[Task],
+    board: Board,
+    work: WorkDir,
+    trials: int,
+    devices: Devices,
+    builders: int | None = None,
+) -> TuneResult:
+    """Measure the tasks' defaults, then spend ``trials`` on them (see the module docstring)."""
+    resumed = bool(work.memo)
+    fcompile = board.fcompile()
     run = TuneRun(board, work, devices, trials)
     workers = devices.count()
     builder = WarmBuilder(fcompile, builders or os.cpu_count() or 1, work.memo)
@@ -741,13 +774,18 @@ def tune(
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=os.cpu_count() or 1)
     model_file = work.path / COST_MODEL_FILE
     if model_file.is_file():
-        cost_model.load(str(model_file))
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # xgboost guessing the format of its own file
+            cost_model.load(str(model_file))
     carry = 0  # trials a task's exhausted space left for the next task
     try:
         for task in sorted(tasks, key=lambda t: -(t.default_ms or 0) * t.calls):
             task.budget += carry
             try:
-                _search(run, task, builder, runner, database, cost_model)
+                with run.catching_sigint():
+                    _search(run, task, builder, runner, database, cost_model)
             finally:
                 _save(cost_model, work.path / COST_MODEL_FILE)
             carry = max(task.budget - task.trials, 0)
@@ -761,6 +799,27 @@ def tune(
     return TuneResult(tasks, work.path, resumed)
 
 
+@contextmanager
+def _no_tensor_intrinsics() -> Iterator[None]:
+    """``TuneContext`` imports ``tvm.s_tir.tensor_intrin`` for stock rules that tensorize
+    (20-60 s here: it parses hundreds of TVMScript functions); edgecomp's spaces tensorize
+    nothing. A stand-in module while a context is made; a later real import still works."""
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = types.ModuleType(name)
+    try:
+        yield
+    finally:
+        sys.modules.pop(name, None)
+        if getattr(tvm.s_tir, "tensor_intrin", None) is not None:
+            delattr(tvm.s_tir, "tensor_intrin")
+
+
 def _search(
     run: TuneRun, task: Task, builder: Any, runner: Any, database: Any, cost_model: Any
 ) -> None:
@@ -769,16 +828,17 @@ def _search(
     while task.trials < task.budget:
         before = task.trials
         left = task.budget - task.trials
-        context = ms.TuneContext(
-            mod=task.mod,
-            target=run.target,
-            space_generator=task.space(run.target),
-            search_strategy=ms.search_strategy.EvolutionarySearch(
-                population_size=64, init_min_unmeasured=16, genetic_num_iters=2
-            ),
-            task_name=task.name,
-            num_threads=os.cpu_count() or 1,
-        )
+        with _no_tensor_intrinsics():
+            context = ms.TuneContext(
+                mod=task.mod,
+                target=run.target,
+                space_generator=task.space(run.target),
+                search_strategy=ms.search_strategy.EvolutionarySearch(
+                    population_size=64, init_min_unmeasured=16, genetic_num_iters=2
+                ),
+                task_name=task.name,
+                num_threads=os.cpu_count() or 1,
+            )
         try:
             ms.tune_tasks(
                 tasks=[context],
@@ -801,7 +861,7 @@ def _search(
             gone = _devices_gone(err)
             if gone is not None:
                 raise gone from None
-            if "KeyboardInterrupt" in str(err):  # Ctrl-C inside TVM surfaces as RuntimeError
+            if run.interrupted:  # Ctrl-C inside TVM surfaces as a bare RuntimeError
                 raise KeyboardInterrupt from None
             raise
         if task.trials == before:

@@ -220,7 +220,7 @@ def test_space_default_is_untuned_schedule_and_samples_compute_the_same(name: st
     args = random_args(func)
     want = run(tvm.IRModule({"main": func}), args)
     np.testing.assert_allclose(run(untuned.mod, args), want, rtol=1e-4, atol=1e-4)
-    seen = {default}
+    seen, differs = {default}, 0
     # Consecutive seeds draw alike from TVM's linear congruential engine: spread them.
     for seed in np.random.default_rng(1).integers(1, 2**31 - 1, SAMPLES):
         sch = resampled(func, space.trace, int(seed))
@@ -228,10 +228,11 @@ def test_space_default_is_untuned_schedule_and_samples_compute_the_same(name: st
         if point in seen:
             continue
         seen.add(point)
-        assert not tvm_ffi.structural_equal(sch.mod, untuned.mod)
+        # Blocks of a fused loop nest can lower alike (rows x 1 panel in any split).
+        differs += not tvm_ffi.structural_equal(sch.mod, untuned.mod)
         got = run(sch.mod, args)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=str(point))
-    assert len(seen) > 1, "no sampled point differs from the default"
+    assert differs, "no sampled point gives another schedule than the default"
 
 
 def test_guarded_rule_falls_back_when_its_tunable_path_fails() -> None:

@@ -71,8 +71,11 @@ def schedule_conv_gemm_cpu(
 
     - ``q_tile``: output columns of the register tile, ``sample_perfect_tile`` of the padded
       width, divisors up to 16; default ``tile_w``.
-    - ``k_vec``: channel vectors of the register tile, ``sample_categorical`` over the
-      divisors of ``n_vec`` (a tile stays inside one weight panel); default ``n_vec``.
+    - ``k_vec``: channel vectors of the register tile, ``sample_perfect_tile`` of the
+      panel's ``n_vec`` vectors (a tile stays inside one weight panel); default ``n_vec``.
+    - ``p_block`` x ``k_block``: output rows x weight panels per block of the parallel loop
+      nest, both ``sample_perfect_tile``; default rows outside (every row, one panel block)
+      or panels outside, as :func:`_rows_outer` picks.
     """
     tile_w = _ann_int(sch, block, TILE_W)
     n_vec = _ann_int(sch, block, TILE_VEC)
@@ -88,9 +91,16 @@ def schedule_conv_gemm_cpu(
 
     b, p, q, k, ri, rj, rc = sch.get_loops(block)
     q_o, q_i = sch.split(q, schedules.tile_knob(sch, q, tile_w))
-    k_vec = schedules.choice_knob(sch, schedules.divisors(n_vec, n_vec), n_vec)
-    k_o, k_v, k_l = sch.split(k, [None, k_vec, lanes])
-    outer = [b, p, k_o] if rows_outer else [b, k_o, p]
+    k_o, k_panel, k_l = sch.split(k, [None, n_vec, lanes])
+    k_mid, k_v = sch.split(k_panel, schedules.tile_knob(sch, k_panel, n_vec))
+    # Rows x panels blocking: rows outside (p_o = all rows, k_oo = 1) or panels outside
+    # (p_o = 1, k_oo = all panels) as the default picks, or any block of rows x panels.
+    n_rows, n_panels = (int(sch.get(loop).extent) for loop in (p, k_o))
+    p_inner = 1 if rows_outer else n_rows
+    k_inner = n_panels if rows_outer else 1
+    p_o, p_i = sch.split(p, schedules.tile_knob(sch, p, p_inner, n_rows))
+    k_oo, k_oi = sch.split(k_o, schedules.tile_knob(sch, k_o, k_inner, n_panels))
+    outer = [b, p_o, k_oo, p_i, k_oi, k_mid]
     sch.reorder(*outer, q_o, ri, rj, rc, q_i, k_v, k_l)
     # Parallelize before decompose_reduction: TVM only parallelizes loops over complete or
     # (init-carrying) reduction blocks.

@@ -774,11 +774,7 @@ def tune_kernels(
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=os.cpu_count() or 1)
     model_file = work.path / COST_MODEL_FILE
     if model_file.is_file():
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # xgboost guessing the format of its own file
-            cost_model.load(str(model_file))
+        _load(cost_model, model_file)
     carry = 0  # trials a task's exhausted space left for the next task
     try:
         for task in sorted(tasks, key=lambda t: -(t.default_ms or 0) * t.calls):
@@ -866,6 +862,36 @@ def _search(
             raise
         if task.trials == before:
             return  # its space is exhausted
+
+
+def _load(cost_model: Any, path: Path) -> None:
+    """Restore the cost model's training data (and its booster, once it has trained).
+
+    TVM 0.27's ``XGBModel.load`` fails on a model saved before its first training (no booster
+    file: an unbound local); its data is then read here."""
+    import warnings
+    from collections import OrderedDict
+
+    import numpy as np
+    from tvm.s_tir.meta_schedule.cost_model.xgb_model import FeatureGroup
+    from tvm.support.tar import untar
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # xgboost guessing the format of its own file
+        try:
+            cost_model.load(str(path))
+            return
+        except Exception:  # noqa: BLE001 - the untrained case, read below
+            pass
+    data: OrderedDict[str, Any] = OrderedDict()
+    with tempfile.TemporaryDirectory() as tmp:
+        untar(str(path), tmp)
+        rows = np.load(os.path.join(tmp, "data.npy"), allow_pickle=True)
+        for group_hash, features, costs in rows:
+            data[group_hash] = FeatureGroup(group_hash, list(features), costs)
+    cost_model.data = data
+    cost_model.data_size = sum(len(g.costs) for g in data.values())
+    cost_model.booster = None
 
 
 def _save(cost_model: Any, path: Path) -> None:

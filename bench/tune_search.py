@@ -31,7 +31,8 @@ from bench.blocks_vs_ort import cpu_model  # noqa: E402
 from bench.layer_gflops import nhwc_layer  # noqa: E402
 from edgecomp.pipeline import lower_unscheduled  # noqa: E402
 from edgecomp.targets import load_board  # noqa: E402
-from edgecomp.tune import Devices, WorkDir, _default_schedules, kernel_tasks, tune_kernels  # noqa: E402
+from edgecomp.tuning import Devices, WorkDir, kernel_tasks, tune_kernels  # noqa: E402
+from edgecomp.tuning.search import default_schedules  # noqa: E402
 
 # name: (C, K, map size) of VGG-19 3x3 convolutions
 VGG = {"conv1_2": (64, 64, 224), "conv3_1": (128, 256, 56), "conv5_1": (512, 512, 14)}
@@ -120,7 +121,7 @@ def quality(trials: int, build_timeout: float) -> None:
     )
     for name, (c, k, hw) in VGG.items():
         task = conv_task(c, k, hw, target)
-        (default,) = _default_schedules([task], target)
+        (default,) = default_schedules([task], target)
         _, _, ours = run_edgecomp(task, trials)
         _, _, stock = run_stock(task, trials, build_timeout)
         time.sleep(2)

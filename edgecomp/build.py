@@ -184,12 +184,12 @@ def compile_model(
     mod, signature, options = import_model(model_path, input_shapes, decompose)
     from edgecomp.pipeline import lower_unscheduled, schedule
     from edgecomp.report import REPORT_FILE, memory_report
-    from edgecomp.tune import tuning_database
+    from edgecomp.tuning import tuning_database
 
-    database, db_info = tuning_database(tuning_db, board)
+    database, db_info, tiles = tuning_database(tuning_db, board)
     with step(f"building for {board.name}"):
         refuse = decompose.refuse if decompose is not None else "auto"
-        fused = lower_unscheduled(mod, board.tvm_target(), refuse=refuse)
+        fused = lower_unscheduled(mod, board.tvm_target(), refuse=refuse, tiles=tiles)
         lowered, applied = schedule(fused, board.tvm_target(), database)
         mode = choose_mode(weights, board.max_embedded_weights_mb, constant_bytes(lowered))
         # External weights are lifted from the lowered module, after every compile-time

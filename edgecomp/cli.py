@@ -86,7 +86,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from edgecomp.frontend import parse_input_shapes
     from edgecomp.targets import load_board
-    from edgecomp.tune import Devices, format_table, tune
+    from edgecomp.tuning import Devices, format_table, tune
 
     board = load_board(args.target)
     where = [w for w in (args.rpc, args.tracker, args.local or None) if w]
@@ -313,6 +313,15 @@ def _add_where(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
+def _add_input_shape(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME:1x3x224x224",
+        help="static shape for a dynamic input",
+    )
+
+
 def _add_decompose(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decomposition")
     g.add_argument(
@@ -402,12 +411,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="OUTDIR",
         help="package folder: model.so + manifest.json",
     )
-    p.add_argument(
-        "--input-shape",
-        action="append",
-        metavar="NAME:1x3x224x224",
-        help="static shape for a dynamic input",
-    )
+    _add_input_shape(p)
     p.add_argument(
         "--weights",
         choices=["auto", "embedded", "external"],  # edgecomp.weights.WEIGHT_MODES
@@ -472,12 +476,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds one measuring session may last on the device (default 120)",
     )
-    p.add_argument(
-        "--input-shape",
-        action="append",
-        metavar="NAME:1x3x224x224",
-        help="static shape for a dynamic input",
-    )
+    _add_input_shape(p)
     _add_decompose(p)
     p.add_argument(
         "--refuse",
@@ -511,12 +510,7 @@ def _parser() -> argparse.ArgumentParser:
         " --calib inputs.npy",
     )
     p.add_argument("model", help="the ONNX file")
-    p.add_argument(
-        "--input-shape",
-        action="append",
-        metavar="NAME:1x3x224x224",
-        help="static shape for a dynamic input",
-    )
+    _add_input_shape(p)
     _add_decompose(p)
 
     p = sub(

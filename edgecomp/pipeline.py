@@ -30,7 +30,7 @@ from tvm.s_tir import dlight
 from edgecomp.errors import EdgecompError
 from edgecomp.kernels import default_rules
 from edgecomp.kernels.conv2d import conv_legalizer
-from edgecomp.kernels.conv_common import CONV_KINDS
+from edgecomp.kernels.conv_common import CONV_KINDS, tile_choice
 from edgecomp.kernels.target_info import is_gpu
 from edgecomp.passes.clip_to_min_max import ClipToMinMax
 from edgecomp.passes.refuse_chains import REFUSE_MODES, RefuseChains
@@ -140,9 +140,14 @@ def lower_unscheduled(
     refuse: str = "auto",
     layout: str = "NHWC",
     dump_dir: str | os.PathLike[str] | None = None,
+    tiles: dict[str, tuple[int, int, int]] | int | None = None,
 ) -> tvm.IRModule:
     """Phases 1-3 of :func:`lower`: the module whose prim funcs are edgecomp's kernels, fused
-    with their epilogues, not yet scheduled: what ``edgecomp tune`` extracts its tasks from."""
+    with their epilogues, not yet scheduled: what ``edgecomp tune`` extracts its tasks from.
+
+    ``tiles``: the convolutions' register tiles, when not the cost model's picks (tuned
+    choices per convolution, or a runner-up rank for all; see ``conv_common.tile_choice``).
+    """
     if refuse not in REFUSE_MODES:
         raise EdgecompError(
             f"unknown re-fusion mode {refuse!r}; use one of {', '.join(REFUSE_MODES)}"
@@ -154,7 +159,7 @@ def lower_unscheduled(
     if layout not in ("NHWC", "NCHW"):
         raise EdgecompError(f"unknown activation layout {layout!r}; use NHWC or NCHW")
     phase = _dumper(dump_dir)
-    with target:
+    with target, tile_choice(tiles):
         # (1) edgecomp graph passes: re-fuse the factor chains DecomposeConv produced.
         #     Then activations NHWC between layers (CPU targets).
         mod = phase("1_graph", graph_passes(target, refuse) + layout_passes(target, layout), mod)

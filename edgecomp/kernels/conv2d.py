@@ -26,6 +26,7 @@ from edgecomp.kernels.conv_common import (
     CONV_KINDS,
     DEPTHWISE,
     LAYOUTS,
+    conv_key,
     conv_out_size,
     emit_gemm_weight,
     pack_weight_te,
@@ -122,16 +123,21 @@ def _legalize(bb: relax.BlockBuilder, call: relax.Call, kind: str) -> relax.Expr
         return bb.call_te(depthwise, data, weight, primfunc_name_hint="depthwise_conv2d")
     target = Target.current(allow_none=True)
     wo = conv_out_size(width, kw, strides[1], padding[1], padding[3], dilation[1])
-    tiles = tiles_for(wo, k // groups, target, kh * kw * cg)
+    key = conv_key(layout, shape, (k, cg, kh, kw), strides, padding, dilation, groups)
+    tiles = tiles_for(wo, k // groups, target, kh * kw * cg, key)
     panel = tiles[1] * tiles[2]
     packed, folded = emit_gemm_weight(weight, groups, panel)
 
     def compute(x: te.Tensor, w: te.Tensor) -> te.Tensor:
         wk = w if folded else pack_weight_te(w, groups, panel)
         if kind == "im2col":
-            return im2col_conv2d(x, wk, strides, padding, dilation, tiles, out_dtype, k, layout)
+            return im2col_conv2d(
+                x, wk, strides, padding, dilation, tiles, out_dtype, k, layout, key
+            )
         buffered = kind == "mec-buffer"
-        return mec_conv2d(x, wk, strides, padding, dilation, tiles, out_dtype, k, buffered, layout)
+        return mec_conv2d(
+            x, wk, strides, padding, dilation, tiles, out_dtype, k, buffered, layout, key
+        )
 
     name = "im2col_conv2d" if kind == "im2col" else "mec_conv2d"
     return bb.call_te(compute, data, packed, primfunc_name_hint=name)

@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import tvm
@@ -29,6 +31,8 @@ TILE_VEC = "edgecomp.tile_vec"
 LANES = "edgecomp.lanes"
 LAYOUT = "edgecomp.layout"
 DEPTHWISE = "edgecomp.depthwise"
+# The convolution's geometry (conv_key): which choice of register tile applies to it.
+CONV_KEY = "edgecomp.conv_key"
 # The convolution lowerings: MEC read in place (the default), MEC with its lowered buffer
 # materialized, and im2col (the baseline MEC is measured against).
 CONV_KINDS = ("mec", "mec-buffer", "im2col")
@@ -57,17 +61,64 @@ def cast(value: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
     return value if str(value.dtype) == dtype else value.astype(dtype)
 
 
-def tile_attrs(kind: str, tiles: tuple[int, int, int], layout: str) -> dict[str, object]:
-    """The GEMM block's annotations: its lowering, the register tile of the schedule and the
-    layout its output is cropped to."""
-    return {CONV_GEMM: kind, TILE_W: tiles[0], TILE_VEC: tiles[1], LANES: tiles[2], LAYOUT: layout}
+def tile_attrs(
+    kind: str, tiles: tuple[int, int, int], layout: str, key: str = ""
+) -> dict[str, object]:
+    """The GEMM block's annotations: its lowering, the register tile of the schedule, the
+    layout its output is cropped to and the convolution's :func:`conv_key`."""
+    attrs: dict[str, object] = {CONV_GEMM: kind, TILE_W: tiles[0], TILE_VEC: tiles[1]}
+    attrs.update({LANES: tiles[2], LAYOUT: layout})
+    if key:
+        attrs[CONV_KEY] = key
+    return attrs
+
+
+def conv_key(
+    layout: str,
+    data: Sequence[int],
+    weight: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> str:
+    """A convolution's geometry as text: what a tuned register tile is recorded under."""
+    dims = (tuple(data), tuple(weight), tuple(strides), tuple(padding), tuple(dilation), groups)
+    return f"{layout} " + " ".join(str(list(d)) if isinstance(d, tuple) else str(d) for d in dims)
+
+
+# The register tiles legalization takes (:func:`tile_choice`): a table conv_key -> tile (the
+# tuned choices ``compile --tuning-db`` applies; other convolutions take the cost model's
+# pick), or the rank of the cost model's candidate every convolution takes (0: its pick;
+# ``edgecomp tune`` legalizes the model once per rank to measure the runners-up too).
+_TILE_CHOICE: ContextVar[dict[str, tuple[int, int, int]] | int] = ContextVar(
+    "edgecomp_tile_choice", default=0
+)
+TILE_VARIANTS = 3  # the cost model's best candidates edgecomp tune measures per convolution
+
+
+@contextmanager
+def tile_choice(choice: dict[str, tuple[int, int, int]] | int | None) -> Iterator[None]:
+    """Legalize convolutions with these register tiles (see ``_TILE_CHOICE``)."""
+    token = _TILE_CHOICE.set(0 if choice is None else choice)
+    try:
+        yield
+    finally:
+        _TILE_CHOICE.reset(token)
 
 
 # ----------------------------------------------------------------------------- tiling choice
 def choose_tiles(
     out_w: int, k_per_group: int, info: CpuInfo, reduction: int = 0
 ) -> tuple[int, int, int]:
-    """Pick the register tile of the GEMM micro-kernel: ``(tile_w, n_vec, lanes)``.
+    """The cost model's pick of :func:`tile_candidates`."""
+    return tile_candidates(out_w, k_per_group, info, reduction)[0]
+
+
+def tile_candidates(
+    out_w: int, k_per_group: int, info: CpuInfo, reduction: int = 0
+) -> list[tuple[int, int, int]]:
+    """The register tiles of the GEMM micro-kernel, ``(tile_w, n_vec, lanes)``, best first.
 
     The micro-kernel keeps ``tile_w x (n_vec * lanes)`` outputs in ``tile_w * n_vec`` vector
     registers, loads ``n_vec`` weight vectors and broadcasts ``tile_w`` inputs per step.
@@ -83,7 +134,7 @@ def choose_tiles(
     lanes = info.lanes
     while lanes > 1 and lanes // 2 >= k_per_group:
         lanes //= 2  # 3 channels per group: 4-lane vectors, not 8 of which 5 are padding
-    best: tuple[tuple[float, int, float, int], int, int] | None = None
+    ranked: list[tuple[tuple[float, int, float, int], int, int]] = []
     # Panel widths that divide the channels need no padding (and keep the write-back an
     # affine index); pad only when no width divides.
     exact = [n for n in (1, 2, 3, 4) if k_per_group % (n * lanes) == 0] or [1, 2, 3, 4]
@@ -104,20 +155,26 @@ def choose_tiles(
             acc = tile_w * n_vec
             loads = (tile_w + n_vec) / acc
             key = (round(cost, 4), -acc if info.registers >= 32 else 0, loads, -acc)
-            if best is None or key < best[0]:
-                best = (key, tile_w, n_vec)
-    assert best is not None  # n_vec = 1, tile_w = 1 always fits
-    return best[1], best[2], lanes
+            ranked.append((key, tile_w, n_vec))
+    ranked.sort()  # n_vec = 1, tile_w = 1 always fits: never empty
+    return [(tile_w, n_vec, lanes) for _, tile_w, n_vec in ranked]
 
 
 def tiles_for(
-    out_w: int, k_per_group: int, target: Target | None, reduction: int = 0
+    out_w: int, k_per_group: int, target: Target | None, reduction: int = 0, key: str = ""
 ) -> tuple[int, int, int]:
-    """The register tile for ``target``: :func:`choose_tiles` on CPUs; on GPUs one thread per
-    4 columns x 4 channels (the schedule binds, it needs no padding beyond 4)."""
+    """The register tile for ``target``: on CPUs :func:`choose_tiles`, or what
+    :func:`tile_choice` says for convolution ``key``; on GPUs one thread per 4 columns x 4
+    channels (the schedule binds, it needs no padding beyond 4)."""
     if target is not None and is_gpu(target):
         return min(4, out_w), 1, 4
-    return choose_tiles(out_w, k_per_group, cpu_info(target), reduction)
+    choice = _TILE_CHOICE.get()
+    if isinstance(choice, dict):
+        if key in choice:
+            return tuple(int(v) for v in choice[key])  # type: ignore[return-value]
+        choice = 0
+    ranked = tile_candidates(out_w, k_per_group, cpu_info(target), reduction)
+    return ranked[min(choice, len(ranked) - 1)]
 
 
 # ----------------------------------------------------------------------------- weights

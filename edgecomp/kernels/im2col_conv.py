@@ -33,6 +33,7 @@ def im2col_conv2d(
     out_dtype: str = "float32",
     out_channels: int | None = None,
     layout: str = "NCHW",
+    key: str = "",
 ) -> te.Tensor:
     """im2col + GEMM convolution; arguments as :func:`edgecomp.kernels.mec_conv.mec_conv2d`.
 
@@ -70,6 +71,6 @@ def im2col_conv2d(
         (n, ho, wo_pad, groups * kg),
         gemm,
         name="im2col_conv",
-        attrs=tile_attrs("im2col", tiles, layout),
+        attrs=tile_attrs("im2col", tiles, layout, key),
     )
     return crop_output(conv, groups, kg, out_channels, ho, wo, layout)

@@ -63,6 +63,7 @@ def mec_conv2d(
     out_channels: int | None = None,
     buffered: bool = False,
     layout: str = "NCHW",
+    key: str = "",
 ) -> te.Tensor:
     """MEC convolution of an NCHW or NHWC input with a weight in GEMM layout.
 
@@ -125,6 +126,6 @@ def mec_conv2d(
         (n, ho, wo_pad, groups * kg),
         gemm,
         name="mec_conv",
-        attrs=tile_attrs("mec-buffer" if buffered else "mec", tiles, layout),
+        attrs=tile_attrs("mec-buffer" if buffered else "mec", tiles, layout, key),
     )
     return crop_output(conv, groups, kg, out_channels, ho, wo, layout)

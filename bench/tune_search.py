@@ -88,10 +88,9 @@ def time_schedule(sch: tvm.s_tir.Schedule, blocks: int = 5) -> float:
     func = sch.mod["main"]
     args = []
     for param in func.params:
-        buf = func.buffer_map[param]
-        shape = [int(d) for d in buf.shape]
-        args.append(tvm.runtime.tensor(np.random.rand(*shape).astype(buf.dtype), dev))
-    timer = lib.time_evaluator(lib.entry_name, dev, number=10, repeat=blocks)
+        shape = [int(d) for d in param.ty.shape]
+        args.append(tvm.runtime.tensor(np.random.rand(*shape).astype(str(param.ty.dtype)), dev))
+    timer = lib.mod.time_evaluator("main", dev, number=10, repeat=blocks)
     return float(min(timer(*args).results)) * 1e3
 
 

@@ -92,6 +92,9 @@ def mec_conv2d(
         instead of reading it in place from the padded copy (see the module docstring).
     layout : {"NCHW", "NHWC"}
         Layout of the input and of the output.
+    key : str
+        The convolution's :func:`~edgecomp.kernels.conv_common.conv_key`, annotated on the
+        GEMM block (``edgecomp tune`` records the tile it chose under it).
 
     Returns
     -------

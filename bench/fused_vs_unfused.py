@@ -4,13 +4,14 @@ For each conv layer of VGG-19 (shapes from ``edgecomp.models.light_model("vgg19"
 is replaced by a CP chain (random factors) whose rank cuts the conv FLOPs about 3x, plus the
 layer's bias. Both versions are compiled with TVM for the host:
 
-- unfused: the four ``conv2d`` ops and the bias add as separate ops, through edgecomp's lowering
-  pipeline (``edgecomp.pipeline.lower``: MEC kernel for the 1x1 convolutions, the direct
-  depthwise kernel for the kh x 1 / 1 x kw ones, bias fused as the epilogue);
+- unfused: the chain inlined, its four ``conv2d`` ops and the bias add as separate ops,
+  through edgecomp's lowering pipeline (``edgecomp.pipeline.lower``: MEC kernel for the 1x1
+  convolutions, the direct depthwise kernel for the kh x 1 / 1 x kw ones, bias fused as the
+  epilogue);
 - fused: ``RefuseChains`` + ``FusedChainRule``, then the same pipeline. ``RefuseChains`` leaves
   a chain unfused when fusing measured slower and its intermediates are small
   (``edgecomp.passes.refuse_chains.fusing_pays``); such layers are marked ``kept`` and their
-  fused kernel (forced with ``RefuseChains(always=True)``) is timed too, in ``forced ms``.
+  fused kernel (forced with ``refuse="all"``) is timed too, in ``forced ms``.
 
 Reported per layer: intermediate memory (``edgecomp.kernels.fused_chain.chain_memory``; the
 fused figure is also checked against the buffers the scheduled TIR allocates), time of each
@@ -38,7 +39,7 @@ from edgecomp.kernels.chain_memory import chain_memory
 from edgecomp.kernels.chain_spec import ChainSpec, ConvGeometry, padded_rank
 from edgecomp.kernels.fused_chain import allocated_buffers
 from edgecomp.models import light_model
-from edgecomp.passes.refuse_chains import RefuseChains
+from edgecomp.passes.factor_chains import chain_call
 from edgecomp.pipeline import lower
 from edgecomp.targets import load_board
 
@@ -76,19 +77,14 @@ def cp_chain_module(
     shapes = [(rank, c, 1, 1), (rank, 1, kh, 1), (rank, 1, 1, kw), (k, rank, 1, 1)]
     ws = [(rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype("float32") for s in shapes]
     bias = rng.uniform(-0.1, 0.1, (1, k, 1, 1)).astype("float32")
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    geom = ConvGeometry(padding=(ph, pw, ph, pw))
+    spec = ChainSpec("cp", (1, c, h, w), k, (kh, kw), (rank,), geom, False)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, c, h, w), "float32"))
-    ph, pw = (kh - 1) // 2, (kw - 1) // 2
     with bb.function("main", [x]):
         with bb.dataflow():
-            t = bb.emit(relax.op.nn.conv2d(x, relax.const(ws[0])))
-            t = bb.emit(
-                relax.op.nn.conv2d(t, relax.const(ws[1]), padding=(ph, 0, ph, 0), groups=rank)
-            )
-            t = bb.emit(
-                relax.op.nn.conv2d(t, relax.const(ws[2]), padding=(0, pw, 0, pw), groups=rank)
-            )
-            t = bb.emit(relax.op.nn.conv2d(t, relax.const(ws[3])))
+            t = bb.emit(chain_call(bb, spec, x, [relax.const(w_) for w_ in ws]))
             out = bb.emit_output(relax.op.add(t, relax.const(bias)))
         bb.emit_func_output(out)
     return bb.get()
@@ -102,13 +98,11 @@ def build_unfused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.E
 def build_fused(
     mod: tvm.IRModule, target: tvm.target.Target, always: bool = False
 ) -> tuple[tvm.runtime.Executable, tvm.IRModule]:
-    """The chain re-fused (RefuseChains in phase 1) and scheduled by FusedChainRule.
+    """The chain re-fused (RefuseChains in phase 2) and scheduled by FusedChainRule.
 
     ``always``: fuse even where ``RefuseChains``' rule would keep the chain unfused.
     """
-    if always:
-        mod = RefuseChains(target, always=True)(mod)
-    lowered = lower(mod, target)
+    lowered = lower(mod, target, refuse="all" if always else "auto")
     return tvm.compile(lowered, target=target), lowered
 
 

@@ -35,6 +35,19 @@ class DecomposeOptions:
     # With calib: refit each decomposed layer's last factor and bias (edgecomp.passes.refit).
     refit: bool = True
 
+    def transform(self, on_layer: Any = None) -> Any:
+        """The decomposition pass (``pipeline.lower``'s phase 1) these options configure."""
+        from edgecomp.passes.decompose_conv import DecomposeConv
+
+        return DecomposeConv(
+            self.method,
+            self.policy,
+            calib=self.calib,
+            fc=self.fc,
+            refit=self.refit and self.calib is not None,
+            on_layer=on_layer,
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The options as recorded in the manifest."""
         return {
@@ -50,20 +63,13 @@ class DecomposeOptions:
 def decompose_model(mod: tvm.IRModule, options: DecomposeOptions) -> tuple[tvm.IRModule, list[Any]]:
     """Decompose ``mod`` as ``options`` ask, with a line per layer as it goes; return the new
     module and the per-layer records (:class:`edgecomp.passes.decompose_conv.LayerRecord`)."""
-    from edgecomp.passes.decompose_conv import decompose_conv
+    from edgecomp.pipeline import decompose_phase
     from edgecomp.progress import layer_progress
 
     what = "convolutions and fully connected layers" if options.fc else "convolutions"
     with layer_progress(f"decomposing {what} ({options.method}, {options.policy})") as on_layer:
-        return decompose_conv(
-            mod,
-            options.method,
-            options.policy,
-            calib=options.calib,
-            fc=options.fc,
-            refit=options.refit and options.calib is not None,
-            on_layer=on_layer,
-        )
+        transform = options.transform(on_layer)
+        return decompose_phase(mod, transform), transform.report
 
 
 def check_some_layer_decomposed(layers: list[Any], policy: str, fc: bool = True) -> None:

@@ -138,8 +138,9 @@ def _work_around_unknown_cpu(cl: Any, device: Any) -> None:
     readable = _readable_ranges()
 
     def c_string(address: int | None, size: int) -> bytes:
-        ok = address and any(lo <= address and address + size <= hi for lo, hi in readable)
-        return ctypes.string_at(address, size) if ok else b""
+        if not address or not any(lo <= address and address + size <= hi for lo, hi in readable):
+            return b""
+        return ctypes.string_at(address, size)
 
     # The field holding "generic" follows the one holding the LLVM triple (struct
     # _cl_device_id: llvm_target_triplet, llvm_cpu); require both to be sure of the field.

@@ -60,6 +60,7 @@ from edgecomp.kernels.chain_spec import ATTR_KIND
 from edgecomp.kernels.conv_common import CONV_GEMM, DEPTHWISE
 from edgecomp.kernels.fused_chain import allocated_buffers
 from edgecomp.kernels.target_info import num_cores
+from edgecomp.passes.factor_chains import chain_of
 from edgecomp.passes.refuse_chains import tensor_bytes
 
 REPORT_FILE = "report.json"
@@ -68,7 +69,7 @@ VARIANTS = {
     "before": "separate ops, im2col",
     "after": "edgecomp: re-fused chains, MEC",
 }
-# Convolutions in each chain form RefuseChains fuses (see its module docstring): the ``before``
+# Convolutions in each chain's plain form (edgecomp.passes.factor_chains): the ``before``
 # lowering runs them as that many conv kernels.
 CHAIN_CONVS = {"cp": 4, "tucker2": 3, "gkpd": 2}
 
@@ -338,19 +339,17 @@ def model_layers(mod: tvm.IRModule, target: Target, refuse: str = "auto") -> lis
         elif op == "relax.matmul":
             shape = [int(d) for d in value.args[1].ty.shape.values]
             layers.append({"name": f"matmul {shape[0]}->{shape[-1]}", "kind": "matmul"})
-        elif op == "relax.call_tir":
-            func = refused[value.args[0]]
-            if isinstance(func, tirx.PrimFunc) and func.attrs and ATTR_KIND in func.attrs:
-                kind = str(func.attrs[ATTR_KIND])
-                n, c, h, w = (int(d) for d in value.args[1][0].ty.shape.values)
-                k = int(out_ty.shape.values[1])
-                layers.append(
-                    {
-                        "name": f"{kind} chain {c}->{k} @{h}x{w}",
-                        "kind": "chain:" + kind,
-                        "convs": CHAIN_CONVS.get(kind, 1),
-                    }
-                )
+        elif (unit := chain_of(refused, value)) is not None:  # a fused chain
+            kind = unit[0].kind
+            n, c, h, w = (int(d) for d in value.args[0].ty.shape.values)
+            k = int(out_ty.shape.values[1])
+            layers.append(
+                {
+                    "name": f"{kind} chain {c}->{k} @{h}x{w}",
+                    "kind": "chain:" + kind,
+                    "convs": CHAIN_CONVS.get(kind, 1),
+                }
+            )
     return layers
 
 

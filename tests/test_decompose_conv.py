@@ -12,9 +12,11 @@ from tvm import relax
 
 from edgecomp.build import DecomposeOptions, build, compile_model
 from edgecomp.frontend import import_onnx
+from edgecomp.kernels.chain_spec import ChainSpec
 from edgecomp.models import light_model
-from edgecomp.passes.decompose_conv import decompose_conv
+from edgecomp.passes.decompose_conv import DecomposeConv, decompose_conv
 from edgecomp.passes.refuse_chains import RefuseChains
+from edgecomp.pipeline import lower
 from edgecomp.reference import onnxruntime_outputs
 from edgecomp.runner import load_local, open_package, read_inputs
 from edgecomp.targets import load_board
@@ -70,8 +72,20 @@ def conv_model(
     return model
 
 
+def main_ops(mod: tvm.IRModule) -> list[tuple[str, dict]]:
+    """The Relax ops ``main`` itself calls (a chain is a call of its function, no op)."""
+    return [
+        (v.op.name.removeprefix("relax."), {})
+        for v in relax.analysis.get_var2val(mod["main"]).values()
+        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op)
+    ]
+
+
 def ops(mod: tvm.IRModule) -> list[tuple[str, dict]]:
-    """The Relax ops of ``main`` in order, each with the attributes that define a conv."""
+    """The Relax ops of ``main`` in order, each chain's plain ops in its place (inlined, their
+    repeated factors folded), each op with the attributes that define a conv."""
+    with HOST.tvm_target():
+        mod = relax.transform.FoldConstant()(RefuseChains(mode="none")(mod))
     found = []
 
     def visit(expr: relax.Expr) -> None:
@@ -165,7 +179,7 @@ def test_gkpd_chain_is_two_convs_the_second_dilated_by_b():
 
 def test_layers_that_do_not_pay_stay_dense_with_the_reason():
     for model, policy, reason in [
-        (conv_model(kernel=(1, 1), pads=(0, 0, 0, 0)), "flops=2x", "1x1 conv"),
+        (conv_model(kernel=(1, 1), pads=(0, 0, 0, 0), groups=2), "flops=2x", "grouped 1x1 conv"),
         (conv_model(c=3), "flops=2x", "tiny channel count (K=24, C=3 < 8)"),
         (conv_model(), "rank=full", "no FLOP saving at rank"),
     ]:
@@ -176,15 +190,74 @@ def test_layers_that_do_not_pay_stay_dense_with_the_reason():
 
 
 @pytest.mark.parametrize("method", ["cp", "tucker", "kronecker"])
+def test_each_chain_is_one_call_of_its_composite_function(method):
+    """The unit re-fusion consumes: the factors as constant arguments, the spec as attributes."""
+    mod, _ = import_onnx(conv_model(k=16, size=10, strides=(2, 1)))
+    new, (record,) = decompose_conv(mod, method, "flops=2x")
+    calls = [
+        v
+        for v in relax.analysis.get_var2val(new["main"]).values()
+        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.GlobalVar)
+    ]
+    assert len(calls) == 1 and "nn.conv2d" not in [n for n, _ in main_ops(new)]
+    func = new[calls[0].op]
+    kind = {"cp": "cp", "tucker": "tucker2", "kronecker": "gkpd"}[method]
+    assert func.attrs["Composite"] == f"edgecomp.chain.{kind}"
+    spec = ChainSpec.from_json(str(func.attrs["edgecomp.chain_spec"]))
+    assert (spec.kind, spec.in_shape, spec.out_channels, spec.kernel) == (
+        kind,
+        (1, 16, 10, 10),
+        16,
+        (3, 3),
+    )
+    assert spec.geom.strides == (2, 1) and spec.groups == 1
+    factors = [a.value.numpy() for a in calls[0].args[1:]]
+    assert sum(f.size for f in factors) == record.params_after  # the factors themselves
+
+
+def test_decomposition_is_phase_1_of_lower(tmp_path):
+    mod, _ = import_onnx(conv_model())
+    transform = DecomposeConv("cp", "rank=6")
+    lowered = lower(mod, HOST.tvm_target(), decompose=transform, dump_dir=tmp_path)
+    (record,) = transform.report
+    assert record.rank == 6 and record.skipped is None
+    phases = ["1_decompose", "2_graph", "3_legalize", "4_fuse", "5_schedule"]
+    assert sorted(p.stem for p in tmp_path.iterdir()) == phases
+    assert '"Composite": "edgecomp.chain.cp"' in (tmp_path / "1_decompose.py").read_text()
+    assert "edgecomp.chain" not in (tmp_path / "3_legalize.py").read_text()  # fused or inlined
+    x = np.random.default_rng(8).standard_normal((1, 16, 12, 12)).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.compile(lowered, target=HOST.tvm_target()), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, run_host(decompose_conv(mod, "cp", "rank=6")[0], x), rtol=1e-5)
+
+
+def test_1x1_conv_becomes_two_thinner_1x1_convs():
+    model = conv_model(c=16, k=24, kernel=(1, 1), pads=(0, 0, 0, 0), strides=(2, 2), size=11)
+    mod, _ = import_onnx(model)
+    new, (record,) = decompose_conv(mod, "cp", "flops=2x")
+    assert (record.method, record.rank, record.skipped) == ("svd", 4, None)
+    assert record.params_after == 4 * (16 + 24) and record.flops_after == 160 * 36
+    assert [a for n, a in ops(new) if n == "nn.conv2d"] == [
+        conv((4, 16, 1, 1), strides=(2, 2)),
+        conv((24, 4, 1, 1)),
+    ]
+    x = np.random.default_rng(7).standard_normal((1, 16, 11, 11)).astype(np.float32)
+    (want,) = onnxruntime_outputs(model.SerializeToString(), {"x": x})
+    full, (record,) = decompose_conv(mod, "tucker", "rank=full", force=True)
+    assert record.rank == 16 and rel(run_host(full, x), want) < 1e-4
+    assert 0.2 < rel(run_host(new, x), want) < 1  # rank 4 of 16: an approximation
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker", "kronecker"])
 def test_refusion_fuses_the_chain_the_pass_emits(method):
     mod, _ = import_onnx(conv_model(k=16, size=10))
     new, _ = decompose_conv(mod, method, "flops=2x")
-    fused = RefuseChains(HOST.tvm_target(), always=True)(new)
+    fused = RefuseChains(HOST.tvm_target(), mode="all")(new)
     names = [gv.name_hint for gv in fused.get_global_vars()]
     kernel = {
-        "cp": "fused_cp_chain",
-        "tucker": "fused_tucker2_chain",
-        "kronecker": "fused_gkpd_chain",
+        "cp": "cp_chain_fused",
+        "tucker": "tucker2_chain_fused",
+        "kronecker": "gkpd_chain_fused",
     }
     assert kernel[method] in names, names
     assert not any(n == "nn.conv2d" for n, _ in ops(fused))

@@ -6,8 +6,8 @@ stand for. Structural tests check what the pass rewrites and what it leaves alon
 checks that the scheduled kernel allocates its intermediates at tile size; the last tests build
 for aarch64 / armv7 and check GPU targets are left unfused.
 
-The GKPD chain is built here by :func:`gkpd_chain_module` in the form ``refuse_chains`` assumes
-(see its module docstring) until ``DecomposeConv`` fixes its own.
+Chains are built here as ``DecomposeConv`` emits them: a call of the chain's composite function
+(:func:`edgecomp.passes.factor_chains.chain_call`), with numpy references of their own.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from edgecomp.errors import EdgecompError
 from edgecomp.kernels import chain_memory as cm
 from edgecomp.kernels import chain_spec as cs
 from edgecomp.kernels import fused_chain as fc
-from edgecomp.passes import refuse_chains
+from edgecomp.passes.factor_chains import chain_call
 from edgecomp.passes.refuse_chains import REFUSE_MODES, RefuseChains, fusing_pays
 from edgecomp.pipeline import lower
 from edgecomp.targets import elf_arch, load_board
@@ -105,6 +105,13 @@ def _conv(bb: relax.BlockBuilder, x: relax.Expr, w: np.ndarray, **kw: object) ->
     return bb.emit(relax.op.nn.conv2d(x, relax.const(w), **kw))
 
 
+def _chain(
+    bb: relax.BlockBuilder, spec: cs.ChainSpec, x: relax.Expr, factors: list[np.ndarray]
+) -> relax.Var:
+    """The chain as DecomposeConv emits it: a call of its composite function."""
+    return bb.emit(chain_call(bb, spec, x, [relax.const(f) for f in factors]))
+
+
 def cp_chain_module(
     rng: np.random.Generator,
     c: int,
@@ -125,9 +132,10 @@ def cp_chain_module(
     vert = dict(strides=(sh, 1), padding=(pt, 0, pb, 0), dilation=(dh, 1), groups=r)
     horiz = dict(strides=(1, sw), padding=(0, pl, 0, pr), dilation=(1, dw), groups=r)
 
+    spec = cs.ChainSpec("cp", (batch, c, *hw), k, (kh, kw), (r,), geom, False)
+
     def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
-        t = _conv(bb, _conv(bb, _conv(bb, x, w1), wv, **vert), wh, **horiz)
-        return relax.op.add(_conv(bb, t, w4), relax.const(bias))
+        return relax.op.add(_chain(bb, spec, x, [w1, wv, wh, w4]), relax.const(bias))
 
     def chain_ref(x: np.ndarray) -> np.ndarray:
         t = np_conv2d(np_conv2d(np_conv2d(x, w1), wv, **vert), wh, **horiz)  # type: ignore[arg-type]
@@ -157,9 +165,10 @@ def tucker2_chain_module(
     bias = rng.standard_normal((1, k, 1, 1)).astype("float32")
     attrs = dict(strides=geom.strides, padding=geom.padding, dilation=geom.dilation)
 
+    spec = cs.ChainSpec("tucker2", (1, c, *hw), k, (kh, kw), (r3, r4), geom, False)
+
     def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
-        t = _conv(bb, _conv(bb, x, w1), core, **attrs)
-        return relax.op.add(_conv(bb, t, w3), relax.const(bias))
+        return relax.op.add(_chain(bb, spec, x, [w1, core, w3]), relax.const(bias))
 
     def chain_ref(x: np.ndarray) -> np.ndarray:
         return np_conv2d(np_conv2d(np_conv2d(x, w1), core, **attrs), w3) + bias  # type: ignore[arg-type]
@@ -195,17 +204,13 @@ def gkpd_chain_module(
     a_attrs = dict(strides=geom.strides, dilation=(kh2 * dh, kw2 * dw), groups=k2)
     b_attrs = dict(padding=geom.padding, dilation=geom.dilation, groups=c1)
 
+    ranks = (rank, k1, c1, kh1, kw1, k2, c2, kh2, kw2)
+    spec = cs.ChainSpec(
+        "gkpd", (1, c1 * c2, *hw), k1 * k2, (kh1 * kh2, kw1 * kw2), ranks, geom, False
+    )
+
     def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
-        z = _conv(bb, x, wb, **b_attrs)
-        z = bb.emit(relax.op.reshape(z, (1, c1, rank, k2, hz, wz)))
-        z = bb.emit(relax.op.permute_dims(z, [0, 3, 2, 1, 4, 5]))
-        z = bb.emit(relax.op.reshape(z, (1, k2 * rank * c1, hz, wz)))
-        y = _conv(bb, z, wa, **a_attrs)
-        ho, wo = (int(d) for d in y.ty.shape.values[2:])
-        y = bb.emit(relax.op.reshape(y, (1, k2, k1, ho, wo)))
-        y = bb.emit(relax.op.permute_dims(y, [0, 2, 1, 3, 4]))
-        y = bb.emit(relax.op.reshape(y, (1, k1 * k2, ho, wo)))
-        return relax.op.add(y, relax.const(bias))
+        return relax.op.add(_chain(bb, spec, x, [a, b]), relax.const(bias))
 
     def chain_ref(x: np.ndarray) -> np.ndarray:
         z = np_conv2d(x, wb, **b_attrs)  # type: ignore[arg-type]
@@ -220,14 +225,18 @@ def gkpd_chain_module(
 
 # ----------------------------------------------------------------------------- helpers
 def refuse(mod: tvm.IRModule, target: tvm.target.Target = HOST) -> tvm.IRModule:
-    """RefuseChains then FusedChainRule, as a pipeline would run them.
-
-    ``always``: these chains are small enough for the speed rule (``fusing_pays``) to keep them
-    unfused; the tests here are about the fused kernel, so they force it.
+    """RefuseChains, the fused chains' legalization, then FusedChainRule, as a pipeline would
+    run them. Mode ``all``: these chains are small enough for the speed rule (``fusing_pays``)
+    to keep them unfused; the tests here are about the fused kernel, so they force it.
     """
-    mod = RefuseChains(target, always=True)(mod)
+    mod = fuse(mod, target)
     with target:
         return dlight.ApplyDefaultSchedule(fc.FusedChainRule())(mod)
+
+
+def fuse(mod: tvm.IRModule, target: tvm.target.Target = HOST, mode: str = "all") -> tvm.IRModule:
+    """RefuseChains, then the fused chains legalized into their kernels (phases 2 and 3)."""
+    return fc.LegalizeFusedChains(target)(RefuseChains(target, mode=mode)(mod))
 
 
 def run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
@@ -283,7 +292,7 @@ def test_fused_equals_unfused_and_dense(
     if forced is not None:
         rows, rb = forced
         monkeypatch.setattr(
-            refuse_chains,
+            fc,
             "choose_tiles",
             lambda spec, threads, lanes, budget: (rows or spec.out_hw[0], rb),
         )
@@ -318,12 +327,23 @@ def test_cp_asymmetric_padding_stride_dilation_batch2() -> None:
 
 
 # ----------------------------------------------------------------------------- structure
+CP_SHAPES = [(3, 4, 1, 1), (3, 1, 3, 1), (3, 1, 1, 3), (4, 3, 1, 1)]  # rank 3, 4 -> 4 channels
+CP_SPEC = cs.ChainSpec("cp", (1, 4, 8, 8), 4, (3, 3), (3,), GEOMS["s1p1"], False)
+
+
 def test_one_call_tir_replaces_the_chain_and_other_convs_stay() -> None:
     rng = np.random.default_rng(2)
     dense_w = rng.standard_normal((4, 4, 3, 3)).astype("float32")
-    mod = _cp_after_dense(rng, dense_w)
-    assert ops_of(mod).count("relax.nn.conv2d") == 5
-    after_mod = RefuseChains(HOST, always=True)(mod)
+    ws = [rng.standard_normal(s).astype("float32") for s in CP_SHAPES]
+    bias = rng.standard_normal((1, 4, 1, 1)).astype("float32")
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        y = bb.emit(relax.op.nn.relu(_conv(bb, x, dense_w, padding=(1, 1, 1, 1))))
+        t = bb.emit(relax.op.add(_chain(bb, CP_SPEC, y, ws), relax.const(bias)))
+        return relax.op.nn.relu(t)
+
+    mod = _module((1, 4, 8, 8), body)
+    after_mod = fuse(mod)
     # The kernel writes [N, K, Ho*Wo], bias and ReLU included; the reshape to NCHW is a view
     # once built.
     assert ops_of(after_mod) == [
@@ -337,41 +357,21 @@ def test_one_call_tir_replaces_the_chain_and_other_convs_stay() -> None:
     orig_conv = mod["main"].body.blocks[0].bindings[0].value
     tvm.ir.assert_structural_equal(first_conv, orig_conv, map_free_vars=True)
     assert len(fused_prims(after_mod)) == 1
-
-
-def _cp_after_dense(rng: np.random.Generator, dense_w: np.ndarray) -> tvm.IRModule:
-    r, k = 3, 4
-    ws = [
-        rng.standard_normal(s).astype("float32")
-        for s in [(r, 4, 1, 1), (r, 1, 3, 1), (r, 1, 1, 3), (k, r, 1, 1)]
-    ]
-    bias = rng.standard_normal((1, k, 1, 1)).astype("float32")
-
-    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
-        y = bb.emit(relax.op.nn.relu(_conv(bb, x, dense_w, padding=(1, 1, 1, 1))))
-        t = _conv(bb, y, ws[0])
-        t = _conv(bb, t, ws[1], padding=(1, 0, 1, 0), groups=r)
-        t = _conv(bb, t, ws[2], padding=(0, 1, 0, 1), groups=r)
-        t = bb.emit(relax.op.add(_conv(bb, t, ws[3]), relax.const(bias)))
-        return relax.op.nn.relu(t)
-
-    return _module((1, 4, 8, 8), body)
+    # No composite function is left: the fused one became the kernel, the chain's went unused.
+    assert [
+        gv.name_hint for gv, f in after_mod.functions_items() if isinstance(f, relax.Function)
+    ] == ["main"]
 
 
 def test_bias_behind_a_reshape_is_folded_in() -> None:
     """ONNX import leaves ``add(conv, reshape(bias[K]))`` until constants are folded."""
     rng = np.random.default_rng(8)
-    r, k = 3, 4
-    shapes = [(r, 4, 1, 1), (r, 1, 3, 1), (r, 1, 1, 3), (k, r, 1, 1)]
-    ws = [rng.standard_normal(s).astype("float32") for s in shapes]
-    bias = rng.standard_normal(k).astype("float32")
+    ws = [rng.standard_normal(s).astype("float32") for s in CP_SHAPES]
+    bias = rng.standard_normal(4).astype("float32")
 
     def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
-        t = _conv(bb, x, ws[0])
-        t = _conv(bb, t, ws[1], padding=(1, 0, 1, 0), groups=r)
-        t = _conv(bb, _conv(bb, t, ws[2], padding=(0, 1, 0, 1), groups=r), ws[3])
-        b = bb.emit(relax.op.reshape(relax.const(bias), (1, k, 1, 1)))
-        return relax.op.add(t, b)
+        b = bb.emit(relax.op.reshape(relax.const(bias), (1, 4, 1, 1)))
+        return relax.op.add(_chain(bb, CP_SPEC, x, ws), b)
 
     mod = _module((1, 4, 8, 8), body)
     fused = refuse(mod)
@@ -381,46 +381,50 @@ def test_bias_behind_a_reshape_is_folded_in() -> None:
     np.testing.assert_allclose(run(fused, x), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_chain_with_a_shared_intermediate_is_left_alone() -> None:
+def test_plain_convs_are_never_taken_for_a_chain() -> None:
+    """Only the composite functions DecomposeConv emits are chains: the same four convs written
+    as plain ops (a model that has them itself) are not matched."""
     rng = np.random.default_rng(3)
-    r = 3
-    ws = [
-        rng.standard_normal(s).astype("float32")
-        for s in [(r, 4, 1, 1), (r, 1, 3, 1), (r, 1, 1, 3), (4, r, 1, 1)]
-    ]
+    ws = [rng.standard_normal(s).astype("float32") for s in CP_SHAPES]
 
     def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
-        t1 = _conv(bb, x, ws[0])
-        t = _conv(
-            bb,
-            _conv(bb, t1, ws[1], padding=(1, 0, 1, 0), groups=r),
-            ws[2],
-            padding=(0, 1, 0, 1),
-            groups=r,
-        )
-        y = _conv(bb, t, ws[3])
-        return relax.op.concat([y, t1], axis=1)  # t1 has a second reader
+        t = _conv(bb, x, ws[0])
+        t = _conv(bb, t, ws[1], padding=(1, 0, 1, 0), groups=3)
+        return _conv(bb, _conv(bb, t, ws[2], padding=(0, 1, 0, 1), groups=3), ws[3])
 
     mod = _module((1, 4, 8, 8), body)
-    tvm.ir.assert_structural_equal(RefuseChains(HOST, always=True)(mod), mod)
+    tvm.ir.assert_structural_equal(RefuseChains(HOST, mode="all")(mod), mod)
 
 
-def test_non_chains_and_gpu_targets_are_unchanged() -> None:
+def fused_calls(mod: tvm.IRModule) -> list[str]:
+    """The fused chains' composite functions ``main`` calls (after RefuseChains)."""
+    return [
+        str(mod[v.op].attrs["Composite"])
+        for v in relax.analysis.get_var2val(mod["main"]).values()
+        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.GlobalVar)
+    ]
+
+
+def test_chains_not_fused_are_inlined_and_gpu_targets_fuse_none() -> None:
     rng = np.random.default_rng(4)
-    w = rng.standard_normal((4, 4, 3, 3)).astype("float32")
-    plain = _module(
-        (1, 4, 8, 8),
-        lambda bb, x: relax.op.nn.conv2d(_conv(bb, x, w, padding=(1, 1, 1, 1)), relax.const(w)),
-    )
-    tvm.ir.assert_structural_equal(RefuseChains(HOST, always=True)(plain), plain)
     chain = cp_chain_module(rng, 4, (8, 8), 3, 4, 3, 3, GEOMS["s1p1"])
     mali = load_board("rk3399-mali").tvm_target()
-    tvm.ir.assert_structural_equal(RefuseChains(mali, always=True)(chain.mod), chain.mod)
+    for mod in (
+        RefuseChains(mali, mode="all")(chain.mod),
+        RefuseChains(HOST, mode="none")(chain.mod),
+    ):
+        assert fused_calls(mod) == []
+        assert ops_of(mod) == ["relax.nn.conv2d"] * 4 + ["relax.add"]
+        assert [gv.name_hint for gv in mod.get_global_vars()] == ["main"]
+        x = rng.standard_normal((1, 4, 8, 8)).astype("float32")
+        want = chain.chain_ref(x)
+        np.testing.assert_allclose(run(mod, x), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert fused_calls(RefuseChains(HOST, mode="all")(chain.mod)) == ["edgecomp.fused_chain.cp"]
 
 
 def test_rule_only_takes_fused_chains_on_cpus() -> None:
     chain = cp_chain_module(np.random.default_rng(5), 4, (8, 8), 3, 4, 3, 3, GEOMS["s1p1"])
-    (prim,) = fused_prims(RefuseChains(HOST, always=True)(chain.mod))
+    (prim,) = fused_prims(fuse(chain.mod))
     rule = fc.FusedChainRule()
     assert rule.apply(prim, HOST, False) is not None
     assert rule.apply(prim.without_attr(cs.ATTR_KIND), HOST, False) is None
@@ -432,8 +436,8 @@ def test_speed_rule_keeps_small_narrow_chains_unfused() -> None:
     # wider maps through fusing_pays directly, and end to end on a chain whose 6 x 6 map (36
     # pixels: 4-lane vectors) cannot fill a vector and whose intermediates are tiny.
     chain = cp_chain_module(np.random.default_rng(8), 4, (6, 6), 3, 4, 3, 3, GEOMS["s1p1"])
-    tvm.ir.assert_structural_equal(RefuseChains(HOST)(chain.mod), chain.mod)
-    assert len(fused_prims(RefuseChains(HOST, always=True)(chain.mod))) == 1
+    assert fused_calls(RefuseChains(HOST)(chain.mod)) == []
+    assert len(fused_prims(fuse(chain.mod))) == 1
 
     def vgg(c: int, hw: int, k: int) -> cs.ChainSpec:
         rank = round(k * c * 9 / 3 / (c + 6 + k))  # the benchmark's 3x FLOP reduction
@@ -518,20 +522,20 @@ def test_peak_rule_fuses_only_chains_that_hold_the_most_memory() -> None:
     dense = rng.standard_normal((128, 4, 3, 3))
     w1, wv, wh, w4, dense = (a.astype("float32") for a in (w1, wv, wh, w4, dense))
 
+    spec = cs.ChainSpec("cp", (1, 128, 16, 16), 16, (3, 3), (8,), GEOMS["s1p1"], False)
+
     def chain(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
-        t = _conv(bb, x, w1)
-        t = _conv(bb, t, wv, padding=(1, 0, 1, 0), groups=8)
-        return _conv(bb, _conv(bb, t, wh, padding=(0, 1, 0, 1), groups=8), w4)
+        return _chain(bb, spec, x, [w1, wv, wh, w4])
 
     def with_dense(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
         y = _conv(bb, x, dense, padding=(1, 1, 1, 1))
         return chain(bb, bb.emit(relax.op.nn.max_pool2d(y, (2, 2), (2, 2))))
 
     mod = _module((1, 4, 32, 32), with_dense)
-    tvm.ir.assert_structural_equal(RefuseChains(HOST)(mod), mod)
-    assert len(fused_prims(RefuseChains(HOST, always=True)(mod))) == 1
+    assert fused_calls(RefuseChains(HOST)(mod)) == []
+    assert len(fused_prims(fuse(mod))) == 1
     alone = _module((1, 128, 16, 16), chain)
-    assert len(fused_prims(RefuseChains(HOST)(alone))) == 1
+    assert len(fused_prims(fuse(alone, mode="auto"))) == 1
     # The pipeline's modes: auto (this rule), all, none.
     assert [len(fused_prims(lower(mod, HOST, refuse=m))) for m in REFUSE_MODES] == [0, 1, 0]
     assert len(fused_prims(lower(alone, HOST, refuse="none"))) == 0
@@ -553,10 +557,11 @@ def test_relu_after_the_bias_is_folded_in(kind: str) -> None:
     ws = [rng.standard_normal(sh).astype("float32") for sh in shapes]
     bias = rng.standard_normal((1, k, 1, 1)).astype("float32")
 
+    ranks = (r,) if kind == "cp" else (r, r)
+    spec = cs.ChainSpec(kind, (1, 8, 12, 12), k, (3, 3), ranks, GEOMS["s1p1"], False)
+
     def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
-        t: relax.Expr = x
-        for w, kw in zip(ws, extra, strict=True):
-            t = _conv(bb, t, w, **kw)
+        t = _chain(bb, spec, x, ws)
         return relax.op.nn.relu(bb.emit(relax.op.add(t, relax.const(bias))))
 
     def ref(x: np.ndarray) -> np.ndarray:

@@ -25,8 +25,9 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.schedule import Trace
 
 from edgecomp.kernels import ConvSchedule, CpuFallback, FusedChainRule, Guarded, Matmul
-from edgecomp.kernels.conv2d import conv_legalizer
-from edgecomp.pipeline import graph_passes, layout_passes
+from edgecomp.kernels.chain_spec import ChainSpec, ConvGeometry
+from edgecomp.passes.factor_chains import chain_call
+from edgecomp.pipeline import lower_unscheduled
 from edgecomp.targets import load_board
 
 HOST = load_board("host").tvm_target()
@@ -73,14 +74,15 @@ def dense(rows: int, n_in: int, n_out: int) -> tvm.IRModule:
 
 
 def cp_chain(c: int, hw: int, r: int, k: int) -> tvm.IRModule:
-    """A CP rank-r chain as DecomposeConv emits it (1x1, 3x1 dw, 1x3 dw, 1x1) + bias."""
+    """A CP rank-r chain as DecomposeConv emits it (its composite function's call) + bias."""
     rng = np.random.default_rng(r)
+    spec = ChainSpec(
+        "cp", (1, c, hw, hw), k, (3, 3), (r,), ConvGeometry(padding=(1, 1, 1, 1)), False
+    )
+    shapes = [(r, c, 1, 1), (r, 1, 3, 1), (r, 1, 1, 3), (k, r, 1, 1)]
 
     def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
-        t = bb.emit(relax.op.nn.conv2d(x, _const(rng, r, c, 1, 1)))
-        t = bb.emit(relax.op.nn.conv2d(t, _const(rng, r, 1, 3, 1), padding=(1, 0), groups=r))
-        t = bb.emit(relax.op.nn.conv2d(t, _const(rng, r, 1, 1, 3), padding=(0, 1), groups=r))
-        t = bb.emit(relax.op.nn.conv2d(t, _const(rng, k, r, 1, 1)))
+        t = bb.emit(chain_call(bb, spec, x, [_const(rng, *sh) for sh in shapes]))
         return relax.op.add(t, _const(rng, 1, k, 1, 1))
 
     return _module((1, c, hw, hw), body)
@@ -89,11 +91,12 @@ def cp_chain(c: int, hw: int, r: int, k: int) -> tvm.IRModule:
 def tucker2_chain(c: int, hw: int, r3: int, r4: int, k: int) -> tvm.IRModule:
     """A Tucker-2 chain (1x1 C->R3, 3x3 core R3->R4, 1x1 R4->K) + bias."""
     rng = np.random.default_rng(r3 * r4)
+    geom = ConvGeometry(padding=(1, 1, 1, 1))
+    spec = ChainSpec("tucker2", (1, c, hw, hw), k, (3, 3), (r3, r4), geom, False)
+    shapes = [(r3, c, 1, 1), (r4, r3, 3, 3), (k, r4, 1, 1)]
 
     def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
-        t = bb.emit(relax.op.nn.conv2d(x, _const(rng, r3, c, 1, 1)))
-        t = bb.emit(relax.op.nn.conv2d(t, _const(rng, r4, r3, 3, 3), padding=1))
-        t = bb.emit(relax.op.nn.conv2d(t, _const(rng, k, r4, 1, 1)))
+        t = bb.emit(chain_call(bb, spec, x, [_const(rng, *sh) for sh in shapes]))
         return relax.op.add(t, _const(rng, 1, k, 1, 1))
 
     return _module((1, c, hw, hw), body)
@@ -102,23 +105,9 @@ def tucker2_chain(c: int, hw: int, r3: int, r4: int, k: int) -> tvm.IRModule:
 def before_schedule(
     mod: tvm.IRModule, refuse: str = "none", layout: str = "NHWC", conv: str = "mec"
 ) -> tvm.IRModule:
-    """Phases 1-3 of :func:`edgecomp.pipeline.lower` (graph, legalize, fuse): what the
+    """Phases 1-4 of :func:`edgecomp.pipeline.lower` (graph, legalize, fuse): what the
     schedule phase and MetaSchedule's task extraction see."""
-    passes = [
-        *graph_passes(HOST, refuse),
-        *layout_passes(HOST, layout),
-        relax.transform.FoldConstant(),
-        relax.transform.LegalizeOps(
-            customize_legalize_map={"relax.nn.conv2d": conv_legalizer(conv)}
-        ),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(),
-    ]
-    with HOST:
-        return tvm.transform.Sequential(passes)(mod)
+    return lower_unscheduled(mod, HOST, refuse=refuse, layout=layout, conv=conv)
 
 
 CONV, CHAIN, MATMUL = ConvSchedule(), FusedChainRule(), Matmul()

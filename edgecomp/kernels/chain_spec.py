@@ -1,19 +1,27 @@
-"""What a re-fused factor chain is: its kind, shapes, geometry and the names its kernel uses.
+"""What a factor chain is: its kind, shapes, geometry and the names its kernel uses.
 
-:class:`ChainSpec` describes one CP / Tucker-2 / GKPD chain as ``RefuseChains`` found it (input
-shape, output channels, kernel, ranks, convolution geometry, bias and ReLU); the memory model
-(:mod:`.chain_memory`), the TE computes and the schedule (:mod:`.fused_chain`) all read it.
-Ranks are padded to whole vectors here (:func:`pad_ranks`) with zero factors, which changes no
-result.
+:class:`ChainSpec` describes one CP / Tucker-2 / GKPD chain (input shape, output channels,
+kernel, ranks, convolution geometry, groups, bias and ReLU). ``DecomposeConv`` records it on
+the chain's composite function (:data:`SPEC_ATTR`, see :mod:`edgecomp.passes.factor_chains`);
+``RefuseChains``, the memory model (:mod:`.chain_memory`), the TE computes and the schedule
+(:mod:`.fused_chain`) all read it. Ranks are padded to whole vectors here (:func:`pad_ranks`)
+with zero factors, which changes no result.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 ATTR_KIND = "edgecomp.fused_chain"
+# The composite Relax function of a chain: ``Composite`` = CHAIN + kind (as DecomposeConv emits
+# it) or FUSED + kind (a chain RefuseChains fuses, bias and ReLU taken in), and the spec as JSON.
+COMPOSITE = "Composite"
+CHAIN = "edgecomp.chain."
+FUSED = "edgecomp.fused_chain."
+SPEC_ATTR = "edgecomp.chain_spec"
 ATTR_TILE_ROWS = "edgecomp.tile_rows"
 ATTR_RANK_BLOCK = "edgecomp.rank_block"
 FLOAT_BYTES = 4
@@ -66,6 +74,10 @@ class ChainSpec:
     relu : bool
         Whether a ReLU follows the bias add (CP, Tucker-2; folded into the kernel too, so the
         chain's output is written once, already rectified).
+    groups : int
+        The dense convolution's groups: CP and Tucker-2 chains of a grouped convolution run
+        every op grouped as many ways (their factors, one set per group, concatenated). Only
+        chains with one group are fused.
     """
 
     kind: str
@@ -76,6 +88,20 @@ class ChainSpec:
     geom: ConvGeometry
     bias: bool
     relu: bool = False
+    groups: int = 1
+
+    def to_json(self) -> str:
+        """The spec as the JSON text :data:`SPEC_ATTR` holds."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ChainSpec:
+        """The spec :meth:`to_json` wrote."""
+        d = json.loads(text)
+        d["geom"] = ConvGeometry(**{k: tuple(v) for k, v in d["geom"].items()})
+        for key in ("in_shape", "kernel", "ranks"):
+            d[key] = tuple(d[key])
+        return cls(**d)
 
     @property
     def out_hw(self) -> tuple[int, int]:

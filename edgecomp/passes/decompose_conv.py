@@ -1,20 +1,15 @@
 """DecomposeConv: replace each dense constant-weight ``relax.nn.conv2d`` by its factor chain.
 
-The chains are a contract with :mod:`edgecomp.passes.refuse_chains`, which matches them exactly:
-
-- CP rank R: conv 1x1 (C->R) -> conv groups=R (kh, 1), strides (sh, 1), padding (pt, 0, pb, 0),
-  dilation (dh, 1) -> conv groups=R (1, kw), strides (1, sw), padding (0, pl, 0, pr),
-  dilation (1, dw) -> conv 1x1 (R->K).
-- Tucker-2 (R3 in, R4 out): conv 1x1 (C->R3) -> conv kh x kw (R3->R4), original geometry ->
-  conv 1x1 (R4->K).
-- GKPD rank R: the grouped-conv / reshape / permute form derived in
-  :mod:`edgecomp.decompose.kronecker`.
+Each CP / Tucker-2 / GKPD chain is emitted as one unit: a call of the chain's composite function
+with the factors as constant arguments (:mod:`edgecomp.passes.factor_chains`, the contract with
+:mod:`edgecomp.passes.refuse_chains`, which fuses or inlines it).
 
 A grouped conv (groups=g) is g independent convs: CP and Tucker-2 decompose each group's kernel
 at one common rank and emit the same chain with every conv grouped g ways (the depthwise convs
-g*R ways); GKPD takes groups=1 only. A bias add after the conv is left where it is (it now
-follows the chain's last op). Layers where decomposing does not pay stay dense, with the reason
-in :attr:`DecomposeConv.report`.
+g*R ways); GKPD takes groups=1 only. A 1x1 conv (groups 1) is a matrix product: a truncated SVD
+makes it two thinner 1x1 convs (C->R with its stride, R->K), plain ops as for a fully connected
+layer. A bias add after the conv is left where it is (it now follows the chain). Layers where
+decomposing does not pay stay dense, with the reason in :attr:`DecomposeConv.report`.
 """
 
 from __future__ import annotations
@@ -43,6 +38,8 @@ from edgecomp.decompose import (
 from edgecomp.decompose.norms import relative_error
 from edgecomp.decompose.rank import choose_fc_rank, factorize, fc_cost, tucker_ranks
 from edgecomp.errors import EdgecompError
+from edgecomp.kernels.chain_spec import ChainSpec, ConvGeometry
+from edgecomp.passes.factor_chains import chain_call
 
 # Below this many input or output channels a chain's extra ops and memory traffic outweigh
 # the saving (a first layer on a 1- or 3-channel image is the usual case).
@@ -166,6 +163,8 @@ def layer_inputs(
         )
     in_shape = _static_shape(params[0])
     samples = _calib_samples(calib, in_shape)
+    # The other functions (chains' composites) come along: ``main`` may call them.
+    others = {gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}
     flat = relax.transform.ToNonDataflow()(IRModule({"main": main}))["main"]
     calls = _candidates(flat, fc)
     if not calls:
@@ -181,7 +180,8 @@ def layer_inputs(
     body = relax.BlockBuilder().normalize(
         relax.SeqExpr(flat.body.blocks, relax.Tuple(wanted))  # type: ignore[attr-defined]
     )
-    probe = IRModule({"main": relax.Function(flat.params, body)})
+    probe = IRModule(others)
+    probe["main"] = relax.Function(flat.params, body)
     vm = relax.VirtualMachine(tvm.compile(probe, target=tvm.target.Target("llvm")), tvm.cpu())
     outs: list[list[np.ndarray]] = [[] for _ in calls]
     for x in samples:
@@ -416,10 +416,17 @@ class _Rewriter(PyExprMutator):
             (f,) = plan.factors
             y = self.builder_.emit(relax.op.matmul(data, relax.const(f.a)))
             out = relax.op.matmul(y, relax.const(np.ascontiguousarray(f.b)))
+        elif plan.method == "svd":  # a 1x1 conv: two thinner 1x1 convs
+            (f,) = plan.factors
+            g = plan.geom
+            assert g is not None  # a conv plan
+            geom = {"strides": g.strides, "padding": g.padding, "dilation": g.dilation}
+            y = self.builder_.emit(_conv(data, f.a.T[:, :, None, None], **geom))
+            out = _conv(y, f.b.T[:, :, None, None])
         else:
-            emit = {"cp": self._cp, "tucker": self._tucker, "kronecker": self._gkpd}[plan.method]
-            assert plan.geom is not None  # a conv plan
-            out = emit(data, plan.geom, plan.factors)
+            spec, weights = chain_unit(plan, _static_shape(data))
+            consts = [relax.const(np.ascontiguousarray(w, dtype=np.float32)) for w in weights]
+            out = chain_call(self.builder_, spec, data, consts)
         if plan.bias_delta is not None:
             out = self.builder_.emit(out)
             self.bias_delta[out.__chandle__()] = plan.bias_delta
@@ -454,22 +461,45 @@ class _Rewriter(PyExprMutator):
         if min(weight.shape) < MIN_FC:
             record.skipped = f"small fully connected layer (min(N_in, N_out) < {MIN_FC})"
             return record, None
-        rank, factors = choose_fc_rank(self.owner.policy, weight, x_in)
+        x = None if x_in is None else x_in.reshape(-1, weight.shape[0]).astype(np.float64)
+        return self._low_rank(record, weight, x, rows, "fc", None)
+
+    def _decide_pointwise(
+        self, record: LayerRecord, weight: np.ndarray, geom: ConvGeom, x_in: np.ndarray | None
+    ):  # noqa: ANN202
+        """A 1x1 conv as the matrix product it is: truncated SVD, as a fully connected layer."""
+        record.method = "svd"
+        matrix = np.ascontiguousarray(weight[:, :, 0, 0].T)  # [C, K]
+        pixels = record.flops_before // max(record.params_before, 1)
+        x = None if x_in is None else _pixel_rows(_strided(x_in, geom))
+        return self._low_rank(record, matrix, x, pixels, "conv", geom)
+
+    def _low_rank(  # noqa: ANN202
+        self,
+        record: LayerRecord,
+        matrix: np.ndarray,
+        x: np.ndarray | None,
+        rows: int,
+        kind: str,
+        geom: ConvGeom | None,
+    ):
+        """Truncated SVD of a ``[N_in, N_out]`` weight applied to ``rows`` rows per inference
+        (a fully connected layer, or a 1x1 conv's pixels); ``x``: calibration rows."""
+        rank, factors = choose_fc_rank(self.owner.policy, matrix, x)
         if factors is None:
             record.skipped = _no_rank_reason(self.owner.policy)
             return record, None
         record.rank = rank
-        record.params_after = fc_cost(weight.shape, rank)[0]
+        record.params_after = fc_cost(matrix.shape, rank)[0]
         record.flops_after = record.params_after * rows
         record.weight_error = factors.error
-        if x_in is not None:
-            x = x_in.reshape(-1, weight.shape[0]).astype(np.float64)
-            record.output_error = relative_error(x @ factors.weight(), x @ weight)
+        if x is not None:
+            record.output_error = relative_error(x @ factors.weight(), x @ matrix)
         if record.params_after >= record.params_before and not self.owner.force:
             record.skipped = f"no FLOP saving at rank {rank}"
             record.params_after = record.flops_after = 0
             return record, None
-        return record, _Plan("fc", "svd", None, [factors])
+        return record, _Plan(kind, "svd", geom, [factors])
 
     def _decide(self, call: relax.Call, name: str, x_in: np.ndarray | None):  # noqa: ANN202
         weight = call.args[1].value.numpy()
@@ -497,14 +527,16 @@ class _Rewriter(PyExprMutator):
                 reason = f"grouped conv (groups={groups}; GKPD takes groups=1 only)"
             elif c == 1 and groups > 1:
                 reason = f"depthwise conv (groups={groups})"
-            elif kh == 1 and kw == 1:
-                reason = "1x1 conv (already a matrix product)"
+            elif kh == 1 and kw == 1 and groups > 1:
+                reason = f"grouped 1x1 conv (groups={groups})"
             elif min(k, c) < MIN_CHANNELS:
                 per = " per group" if groups > 1 else ""
                 reason = f"tiny channel count{per} (K={k}, C={c} < {MIN_CHANNELS})"
         if reason is not None:
             record.skipped = reason
             return record, None
+        if kh == 1 and kw == 1:
+            return self._decide_pointwise(record, weight, geom, x_in)
         weights = weight.reshape(groups, k, c, kh, kw)
         inputs: list[np.ndarray | None] = (
             [None] * groups if x_in is None else list(np.split(x_in, groups, axis=1))
@@ -546,69 +578,54 @@ class _Rewriter(PyExprMutator):
             return record, None
         return record, _Plan("conv", method, geom, factors)
 
-    def _conv(self, x: relax.Expr, w: np.ndarray, last: bool = False, **kw) -> relax.Expr:  # noqa: ANN003
-        weight = relax.const(np.ascontiguousarray(w, dtype=np.float32))
-        call = relax.op.nn.conv2d(x, weight, out_dtype="float32", **kw)
-        return call if last else self.builder_.emit(call)
 
-    def _cp(self, x: relax.Expr, g: ConvGeom, fs: list) -> relax.Expr:  # noqa: ANN001
-        """1x1 (C -> R per group), depthwise kh x 1, depthwise 1 x kw, 1x1 (R -> K per group)."""
-        groups, r = len(fs), fs[0].rank
-        pt, pl, pb, pr = g.padding
-        (sh, sw), (dh, dw) = g.strides, g.dilation
-        s, v, h, u = (
-            np.concatenate(m, axis=0)
-            for m in zip(*((f.s.T, f.v.T, f.h.T, f.u) for f in fs), strict=True)
+def _conv(x: relax.Expr, w: np.ndarray, **kw: object) -> relax.Call:
+    weight = relax.const(np.ascontiguousarray(w, dtype=np.float32))
+    return relax.op.nn.conv2d(x, weight, out_dtype="float32", **kw)  # type: ignore[arg-type]
+
+
+def _strided(x: np.ndarray, g: ConvGeom) -> np.ndarray:
+    """The input pixels a 1x1 conv of geometry ``g`` reads (its padding and stride applied)."""
+    pt, pl, pb, pr = g.padding
+    x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    return x[:, :, :: g.strides[0], :: g.strides[1]]
+
+
+def _pixel_rows(x: np.ndarray) -> np.ndarray:
+    """``[N, C, H, W]`` -> ``[N*H*W, C]`` in float64."""
+    return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]).astype(np.float64)
+
+
+def chain_unit(plan: _Plan, in_shape: tuple[int, ...] | None) -> tuple[ChainSpec, list]:
+    """The chain spec and factors (one set per group, concatenated) of a CP / Tucker-2 / GKPD
+    plan on an input of ``in_shape``: what its composite function takes."""
+    g, fs = plan.geom, plan.factors
+    assert g is not None and in_shape is not None  # a conv plan: static shapes were checked
+    geom = ConvGeometry(tuple(g.strides), tuple(g.padding), tuple(g.dilation))  # type: ignore[arg-type]
+    k, kernel, groups = g.w_shape[0], tuple(g.w_shape[2:]), len(fs)
+
+    def cat(*parts: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.concatenate(p, axis=0) for p in parts]
+
+    if plan.method == "cp":
+        s, v, h, u = cat(
+            [f.s.T for f in fs], [f.v.T for f in fs], [f.h.T for f in fs], [f.u for f in fs]
         )
-        y = self._conv(x, s[:, :, None, None], groups=groups)
-        y = self._conv(
-            y,
+        weights = [
+            s[:, :, None, None],
             v[:, None, :, None],
-            strides=(sh, 1),
-            padding=(pt, 0, pb, 0),
-            dilation=(dh, 1),
-            groups=groups * r,
-        )
-        y = self._conv(
-            y,
             h[:, None, None, :],
-            strides=(1, sw),
-            padding=(0, pl, 0, pr),
-            dilation=(1, dw),
-            groups=groups * r,
-        )
-        return self._conv(y, u[:, :, None, None], last=True, groups=groups)
-
-    def _tucker(self, x: relax.Expr, g: ConvGeom, fs: list) -> relax.Expr:  # noqa: ANN001
-        """1x1 (C -> R3 per group), the kh x kw core (R3 -> R4), 1x1 (R4 -> K per group)."""
-        groups = len(fs)
-        u_in = np.concatenate([f.u_in.T for f in fs], axis=0)
-        core = np.concatenate([f.core for f in fs], axis=0)
-        u_out = np.concatenate([f.u_out for f in fs], axis=0)
-        y = self._conv(x, u_in[:, :, None, None], groups=groups)
-        y = self._conv(
-            y, core, strides=g.strides, padding=g.padding, dilation=g.dilation, groups=groups
-        )
-        return self._conv(y, u_out[:, :, None, None], last=True, groups=groups)
-
-    def _gkpd(self, x: relax.Expr, g: ConvGeom, fs: list) -> relax.Expr:  # noqa: ANN001
-        """The two-convolution form of :mod:`edgecomp.decompose.kronecker` (groups=1)."""
+            u[..., None, None],
+        ]
+        ranks: tuple[int, ...] = (fs[0].rank,)
+        kind = "cp"
+    elif plan.method == "tucker":
+        u_in, core, u_out = cat([f.u_in.T for f in fs], [f.core for f in fs], [f.u_out for f in fs])
+        weights = [u_in[:, :, None, None], core, u_out[:, :, None, None]]
+        ranks, kind = (u_in.shape[0] // groups, core.shape[0] // groups), "tucker2"
+    else:
         (f,) = fs
         (k1, c1, kh1, kw1), (k2, c2, kh2, kw2) = f.shapes
-        r = f.rank
-        n = 1
-        # WB[c1*R*K2 + r*K2 + k2] = B_r[k2]: B stacked over r, repeated for each channel group c1.
-        wb = np.tile(f.b.reshape(r * k2, c2, kh2, kw2), (c1, 1, 1, 1))
-        # WA[k2*K1 + k1, r*C1 + c1] = A_r[k1, c1]: A repeated for each output group k2.
-        wa = np.tile(f.a.transpose(1, 0, 2, 3, 4).reshape(k1, r * c1, kh1, kw1), (k2, 1, 1, 1))
-        z = self._conv(x, wb, padding=g.padding, dilation=g.dilation, groups=c1)
-        n, _, hz, wz = _static_shape(z) or ()  # static: the input's shape was checked
-        z = self.builder_.emit(relax.op.reshape(z, (n, c1, r, k2, hz, wz)))
-        z = self.builder_.emit(relax.op.permute_dims(z, (0, 3, 2, 1, 4, 5)))
-        z = self.builder_.emit(relax.op.reshape(z, (n, k2 * r * c1, hz, wz)))
-        dil = (kh2 * g.dilation[0], kw2 * g.dilation[1])
-        y = self._conv(z, wa, strides=g.strides, dilation=dil, groups=k2)
-        _, _, ho, wo = _static_shape(y) or ()
-        y = self.builder_.emit(relax.op.reshape(y, (n, k2, k1, ho, wo)))
-        y = self.builder_.emit(relax.op.permute_dims(y, (0, 2, 1, 3, 4)))
-        return relax.op.reshape(y, (n, k1 * k2, ho, wo))
+        weights, ranks, kind = [f.a, f.b], (f.rank, k1, c1, kh1, kw1, k2, c2, kh2, kw2), "gkpd"
+    spec = ChainSpec(kind, in_shape, k, kernel, ranks, geom, False, groups=groups)  # type: ignore[arg-type]
+    return spec, weights

@@ -34,8 +34,9 @@ from edgecomp.progress import console
 if TYPE_CHECKING:
     from edgecomp.passes.decompose_conv import DecomposeConv, LayerRecord, _Plan
 
-# Chain ops that are themselves candidate layers, per method: the index shift they cause.
-_CHAIN_CANDIDATES = {"cp": 4, "tucker": 3, "kronecker": 2, "svd": 2}
+# Candidate layers a decomposed layer leaves in ``main``, per method: a chain is one call of its
+# composite function (no candidate), an SVD two thinner layers with constant weights.
+_CHAIN_CANDIDATES = {"cp": 0, "tucker": 0, "kronecker": 0, "svd": 2}
 
 
 def refit_plans(
@@ -165,6 +166,9 @@ def _inner(plan: _Plan, f, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # n
     g = plan.geom
     assert g is not None  # a conv plan
     conv = (g.strides, g.padding, g.dilation)
+    if plan.method == "svd":  # a 1x1 conv: A as a 1x1 kernel with the conv's geometry
+        kernel = np.ascontiguousarray(f.a.T)[:, :, None, None]
+        return _rows(conv2d_nchw(x, kernel, *conv)), f.b.astype(np.float64)
     if plan.method == "cp":  # S, V, H as one rank-R conv: G[r, c, i, j] = S[c, r] V[i, r] H[j, r]
         kernel = np.einsum("cr,ir,jr->rcij", f.s, f.v, f.h)
         return _rows(conv2d_nchw(x, kernel, *conv)), f.u.T.astype(np.float64)
@@ -177,7 +181,7 @@ def _with_last(plan: _Plan, f, last: np.ndarray):  # noqa: ANN001, ANN202
     """``f`` with its last factor replaced (``last`` is ``[R, K]``); the weight error is that
     of the refit chain's weight."""
     last32 = np.ascontiguousarray(last, dtype=np.float32)
-    if plan.kind == "fc":
+    if plan.kind == "fc" or plan.method == "svd":
         return replace(f, b=last32)
     if plan.method == "cp":
         return replace(f, u=np.ascontiguousarray(last32.T))

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgecomp.analyze import weight_bytes
 from edgecomp.build import build
-from edgecomp.decompose import cp_decompose, factorize, svd_decompose
+from edgecomp.decompose import conv2d_nchw, cp_decompose, factorize, svd_decompose
 from edgecomp.decompose.cache import clear_factor_cache, factor_cache_dir
 from edgecomp.decompose.cp import cp_als_reference
 from edgecomp.frontend import import_onnx
@@ -215,7 +215,7 @@ def two_conv_model(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("method", ["cp", "tucker"])
+@pytest.mark.parametrize("method", ["cp", "tucker", "kronecker"])
 def test_refit_lowers_every_layer_output_error_and_never_raises_it(method):
     model = two_conv_model()
     mod, _ = import_onnx(model)
@@ -236,6 +236,31 @@ def test_refit_lowers_every_layer_output_error_and_never_raises_it(method):
         return vm["main"](tvm.runtime.tensor(x)).numpy()
 
     assert rel(run(new), want) < rel(run(plain), want)
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_gkpd_refit_recovers_a_shared_factor_and_per_channel_bias(strides):
+    """A target made by the same B and another A (plus a bias) is matched exactly: the K2
+    output groups' rows stacked in one problem, each output channel with its own bias."""
+    from edgecomp.decompose import ConvGeom
+    from edgecomp.decompose.kronecker import KroneckerFactors
+    from edgecomp.passes.decompose_conv import _Plan
+    from edgecomp.passes.refit import _refit_gkpd
+
+    (k1, c1, kh1, kw1), (k2, c2, kh2, kw2), r = (4, 2, 3, 1), (3, 4, 1, 3), 2
+    b = RNG.standard_normal((r, k2, c2, kh2, kw2)).astype(np.float32)
+    a_true = RNG.standard_normal((r, k1, c1, kh1, kw1)).astype(np.float32)
+    a_start = a_true + RNG.standard_normal(a_true.shape).astype(np.float32)
+    true = KroneckerFactors(a_true, b, 0.0)
+    geom = ConvGeom((8, 9, 9), (12, 8, 3, 3), strides, (1, 1, 1, 1), (1, 1))
+    x = RNG.standard_normal((5, 8, 9, 9)).astype(np.float32)
+    bias = RNG.standard_normal(12)
+    target = conv2d_nchw(x, true.weight(), strides, (1, 1, 1, 1)) + bias[None, :, None, None]
+    plan = _Plan("conv", "kronecker", geom, [KroneckerFactors(a_start, b, 0.0)])
+    new, (before, after) = _refit_gkpd(plan, x, target, has_bias=True, chunk=2)
+    assert before > 0.1 and after < 1e-5
+    np.testing.assert_allclose(new.factors[0].a, a_true, atol=1e-4)
+    np.testing.assert_allclose(new.bias_delta, bias, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -2,9 +2,10 @@
 
 Without training, a factor chain only approximates its dense layer, and the errors of the
 layers before it add up. With calibration inputs, edgecomp refits, layer by layer in network
-order, the chain's last factor (CP's ``U``, Tucker-2's ``U_out``, the fully connected layer's
-``B``) and a change to its bias so that the chain's output matches the dense network's output of
-that layer, on the inputs that the already decomposed and refit network feeds it:
+order, the chain's last factor (CP's ``U``, Tucker-2's ``U_out``, GKPD's ``A``, the fully
+connected layer's ``B``) and a change to its bias so that the chain's output matches the dense
+network's output of that layer, on the inputs that the already decomposed and refit network
+feeds it:
 
     min over (L, d) of || Z L + d - T ||,   Z = the chain up to its last factor, on those inputs,
                                             T = the dense layer's output in the dense network.
@@ -12,8 +13,10 @@ that layer, on the inputs that the already decomposed and refit network feeds it
 The first factors stay as the rank policy chose them; only a linear least-squares problem per
 layer is solved (no gradient, no training). Each layer's inputs come from compiling the network
 decomposed so far for the host and running it on the calibration data, so the refit costs one
-such run per decomposed layer. GKPD chains are not refit (their last factor reads a permuted
-intermediate); their layers keep the policy's factors.
+such run per decomposed layer. GKPD's last factor ``A`` is shared by the ``K2`` output channel
+groups (each group reads its own slice of the permuted intermediate): their rows are stacked
+into one problem, each group with its own bias change (see :func:`_refit_gkpd`). A refit that
+would raise a layer's output error on the calibration inputs is discarded.
 """
 
 from __future__ import annotations
@@ -61,10 +64,6 @@ def refit_plans(
     for i in sorted(plans):
         plan = plans[i]
         start = time.perf_counter()
-        if plan.method == "kronecker":
-            done[i] = plan
-            shift += _CHAIN_CANDIDATES["kronecker"] - 1
-            continue
         if done:  # this layer's input in the network decomposed (and refit) so far
             current = _Rewriter(mod, owner, None, fixed=done).run()
             assert owner.calib is not None  # refit needs it (checked by DecomposeConv)
@@ -80,7 +79,8 @@ def refit_plans(
             attrs = call.args[1].value.numpy(), plan.geom
             target = _dense_conv(dense_inputs[i], *attrs)
         has_bias = _has_constant_bias(main, call, bound)
-        new_plan, errors = _refit(plan, x, target, has_bias)
+        refit = _refit_gkpd if plan.method == "kronecker" else _refit
+        new_plan, errors = refit(plan, x, target, has_bias)
         records[i].refit_error = errors
         console.print(
             f"  refit {records[i].name:8} output error {errors[0]:.4f} -> {errors[1]:.4f}"
@@ -186,3 +186,70 @@ def _with_last(plan: _Plan, f, last: np.ndarray):  # noqa: ANN001, ANN202
     if plan.method == "cp":
         return replace(f, u=np.ascontiguousarray(last32.T))
     return replace(f, u_out=np.ascontiguousarray(last32.T))
+
+
+def _refit_gkpd(
+    plan: _Plan, x: np.ndarray, target: np.ndarray, has_bias: bool, chunk: int = 16
+) -> tuple[_Plan, tuple[float, float]]:
+    """Least-squares refit of a GKPD chain's ``A`` (and bias change) on inputs ``x``.
+
+    With ``z[c1, r, k2]`` the first conv's output (``B_r`` on input channel group ``c1``), output
+    channel ``k1*K2 + k2`` is ``sum over (r, c1, i1, j1) of A_r[k1, c1, i1, j1]`` times a strided
+    patch of ``z[c1, r, k2]`` (:mod:`edgecomp.decompose.kronecker`): for every ``k2`` a problem
+    ``Z_k2 A + d_k2 = T_k2`` in the same ``A [R*C1*kh1*kw1, K1]``. The ``K2`` problems are
+    stacked; the per-channel bias changes ``d_k2`` are eliminated by centering each group's rows.
+    Only Gram matrices are kept, accumulated over ``chunk`` samples at a time.
+    """
+    (f,) = plan.factors
+    g = plan.geom
+    assert g is not None  # a conv plan
+    (k1, c1, kh1, kw1), (k2, c2, kh2, kw2) = f.shapes
+    r = f.rank
+    (sh, sw), (dh, dw) = g.strides, g.dilation
+    n_feat = r * c1 * kh1 * kw1
+    wb = f.b.reshape(r * k2, c2, kh2, kw2)
+    ho, wo = target.shape[2:]
+    gram, cross = np.zeros((n_feat, n_feat)), np.zeros((n_feat, k1))
+    z_sum, t_sum = np.zeros((k2, n_feat)), np.zeros((k2, k1))
+    t_sq, rows = 0.0, 0
+    for s in range(0, len(x), chunk):
+        xs = np.split(x[s : s + chunk], c1, axis=1)
+        z = np.stack([conv2d_nchw(xg, wb, (1, 1), g.padding, g.dilation) for xg in xs], axis=1)
+        z = z.reshape(len(z), c1, r, k2, *z.shape[-2:])  # [n, C1, R, K2, Hz, Wz]
+        t = target[s : s + chunk].reshape(len(z), k1, k2, ho, wo).astype(np.float64)
+        for q in range(k2):
+            patches = [
+                z[:, :, :, q, i * kh2 * dh :: sh, j * kw2 * dw :: sw][..., :ho, :wo]
+                for i in range(kh1)
+                for j in range(kw1)
+            ]  # each [n, C1, R, Ho, Wo]
+            zq = np.stack(patches, axis=3).transpose(0, 4, 5, 2, 1, 3).reshape(-1, n_feat)
+            tq = _rows(t[:, :, q])
+            gram += zq.T @ zq
+            cross += zq.T @ tq
+            z_sum[q] += zq.sum(axis=0)
+            t_sum[q] += tq.sum(axis=0)
+            t_sq += float(np.sum(tq**2))
+        rows += len(z) * ho * wo
+
+    def error(a: np.ndarray, d: np.ndarray) -> float:
+        """|| Z_k2 A + d_k2 - T_k2 || over every k2, relative to || T ||, from the sums."""
+        sq = np.sum(a * (gram @ a)) - 2 * np.sum(a * cross) + t_sq
+        sq += 2 * np.sum(d * (z_sum @ a - t_sum)) + rows * np.sum(d**2)
+        return float(np.sqrt(max(sq, 0.0) / max(t_sq, 1e-30)))
+
+    old = f.a.transpose(0, 2, 3, 4, 1).reshape(n_feat, k1).astype(np.float64)
+    lhs, rhs = gram, cross
+    if has_bias:  # center each group: d_k2 = mean(T_k2) - mean(Z_k2) A
+        lhs = gram - z_sum.T @ z_sum / rows
+        rhs = cross - z_sum.T @ t_sum / rows
+    lhs = lhs + 1e-8 * max(float(np.trace(lhs)) / n_feat, 1e-30) * np.eye(n_feat)
+    a = np.linalg.solve(lhs, rhs)
+    d = (t_sum - z_sum @ a) / rows if has_bias else np.zeros((k2, k1))
+    before, after = error(old, np.zeros((k2, k1))), error(a, d)
+    if after > before:  # never worse than the policy's
+        a, d, after = old, np.zeros((k2, k1)), before
+    new_a = a.reshape(r, c1, kh1, kw1, k1).transpose(0, 4, 1, 2, 3).astype(np.float32)
+    delta = d.T.reshape(-1).astype(np.float32) if has_bias else None  # channel k1*K2 + k2
+    new = replace(f, a=np.ascontiguousarray(new_a))
+    return replace(plan, factors=[new], bias_delta=delta), (before, after)

@@ -23,6 +23,7 @@ from edgecomp.frontend import ModelSignature, TensorSpec
 from edgecomp.kernels import chain_memory as cm
 from edgecomp.kernels import chain_spec as cs
 from edgecomp.package import read_package, write_package
+from edgecomp.passes.factor_chains import chain_call
 from edgecomp.pipeline import lower
 from edgecomp.rpc import free_port
 from edgecomp.runner import Loaded, open_package
@@ -39,6 +40,25 @@ def _module(x_shape: tuple[int, ...], ops: list) -> tvm.IRModule:  # noqa: ANN40
         with bb.dataflow():
             t: relax.Expr = x
             for op in ops:
+                t = bb.emit(op(t))
+            out = bb.emit_output(t)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _cp_chain_module(
+    x_shape: tuple[int, int, int, int], ws: list[np.ndarray], tail: list | None = None
+) -> tvm.IRModule:
+    """A CP chain of 3x3 padding 1 as DecomposeConv emits it (factors ``ws``), then ``tail``."""
+    rank, k = ws[0].shape[0], ws[3].shape[0]
+    geom = cs.ConvGeometry(padding=(1, 1, 1, 1))
+    spec = cs.ChainSpec("cp", x_shape, k, (3, 3), (rank,), geom, False)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            t = bb.emit(chain_call(bb, spec, x, [relax.const(w) for w in ws]))
+            for op in tail or []:
                 t = bb.emit(op(t))
             out = bb.emit_output(t)
         bb.emit_func_output(out)
@@ -101,16 +121,7 @@ def test_cp_chain_unfused_vs_fused_matches_chain_memory() -> None:
     shapes = [(r, c, 1, 1), (r, 1, 3, 1), (r, 1, 1, 3), (k, r, 1, 1)]
     ws = [rng.standard_normal(s).astype("float32") for s in shapes]
     bias = rng.standard_normal((1, k, 1, 1)).astype("float32")
-    mod = _module(
-        (1, c, h, w),
-        [
-            _conv(ws[0]),
-            _conv(ws[1], padding=(1, 0, 1, 0), groups=r),
-            _conv(ws[2], padding=(0, 1, 0, 1), groups=r),
-            _conv(ws[3]),
-            lambda t: relax.op.add(t, relax.const(bias)),
-        ],
-    )
+    mod = _cp_chain_module((1, c, h, w), ws, [lambda t: relax.op.add(t, relax.const(bias))])
     report = rp.memory_report(mod, HOST)
     before, after = (report["variants"][v]["kernels"] for v in ("before", "after"))
     # NHWC: the input is transposed in before the chain, its output back out after it.
@@ -243,15 +254,7 @@ def test_layers_follow_the_refuse_mode(refuse: str, chains: int) -> None:
     rng = np.random.default_rng(3)
     shapes = [(8, 16, 1, 1), (8, 1, 3, 1), (8, 1, 1, 3), (16, 8, 1, 1)]
     ws = [rng.standard_normal(s).astype("float32") for s in shapes]
-    mod = _module(
-        (1, 16, 16, 16),
-        [
-            _conv(ws[0]),
-            _conv(ws[1], padding=(1, 0, 1, 0), groups=8),
-            _conv(ws[2], padding=(0, 1, 0, 1), groups=8),
-            _conv(ws[3]),
-        ],
-    )
+    mod = _cp_chain_module((1, 16, 16, 16), ws)
     report = rp.memory_report(mod, HOST, refuse=refuse)
     kinds = [layer["kind"] for layer in report["layers"]]
     assert kinds.count("chain:cp") == chains and len(kinds) == 1 + 3 * (1 - chains)

@@ -120,13 +120,21 @@ def build_onnx(w: dict[str, np.ndarray]) -> onnx.ModelProto:
             ),
         ]
         prev = f"pool{i}"
-    nodes += [
+    return classifier_model("digits_cnn", nodes, prev, w)
+
+
+def classifier_model(
+    name: str, nodes: list[onnx.NodeProto], prev: str, w: dict[str, np.ndarray]
+) -> onnx.ModelProto:
+    """The ONNX model of a digits classifier: ``nodes`` from ``input`` (1x1x32x32) to ``prev``,
+    then flatten and the fully connected layer ``fc.weight`` / ``fc.bias`` to ``logits``."""
+    nodes = nodes + [
         helper.make_node("Flatten", [prev], ["flat"], axis=1),
         helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], transB=1),
     ]
     graph = helper.make_graph(
         nodes,
-        "digits_cnn",
+        name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 32, 32])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
         initializer=[numpy_helper.from_array(v, k) for k, v in w.items()],

@@ -29,9 +29,9 @@ import time
 import numpy as np
 import onnx
 from accuracy_refit import HARDEST, perturb
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 from sklearn.datasets import load_digits
-from train_digits_cnn import SEED, TEST_SIZE, ZOO, preprocess, split
+from train_digits_cnn import SEED, TEST_SIZE, ZOO, classifier_model, preprocess, split
 
 CHANNELS = [32, 32, 64, 64, 128, 128]  # a 2x2 max pool after every second conv
 EPOCHS = 15
@@ -110,21 +110,7 @@ def build_onnx(w: dict[str, np.ndarray]) -> onnx.ModelProto:
                 )
             )
             prev = f"pool{i}"
-    nodes += [
-        helper.make_node("Flatten", [prev], ["flat"], axis=1),
-        helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "digits_vgg",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 32, 32])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
-        initializer=[numpy_helper.from_array(v, k) for k, v in w.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return classifier_model("digits_vgg", nodes, prev, w)
 
 
 def accuracy(model: onnx.ModelProto, perturbed: bool = True) -> float:

@@ -248,6 +248,19 @@ def test_1x1_conv_becomes_two_thinner_1x1_convs():
     assert 0.2 < rel(run_host(new, x), want) < 1  # rank 4 of 16: an approximation
 
 
+def test_1x1_conv_refit_lowers_its_output_error():
+    model = conv_model(c=32, k=48, kernel=(1, 1), pads=(0, 0, 0, 0), strides=(2, 2), size=11)
+    mod, _ = import_onnx(model)
+    calib = np.random.default_rng(9).standard_normal((6, 32, 11, 11)).astype(np.float32)
+    new, (record,) = decompose_conv(mod, "cp", "flops=3x", calib=calib, refit=True)
+    before, after = record.refit_error
+    assert record.method == "svd" and after < before
+    x = calib[:1]
+    (want,) = onnxruntime_outputs(model.SerializeToString(), {"x": x})
+    plain, _ = decompose_conv(mod, "cp", "flops=3x")
+    assert rel(run_host(new, x), want) < rel(run_host(plain, x), want)
+
+
 @pytest.mark.parametrize("method", ["cp", "tucker", "kronecker"])
 def test_refusion_fuses_the_chain_the_pass_emits(method):
     mod, _ = import_onnx(conv_model(k=16, size=10))

@@ -40,6 +40,7 @@ from edgecomp.kernels.fused_chain import LegalizeFusedChains
 from edgecomp.kernels.target_info import is_gpu
 from edgecomp.passes.clip_to_min_max import ClipToMinMax
 from edgecomp.passes.decompose_conv import DecomposeConv
+from edgecomp.passes.power_by_sqrt import PowerBySqrt
 from edgecomp.passes.refuse_chains import REFUSE_MODES, RefuseChains
 from edgecomp.passes.remove_dropout import RemoveDropout
 
@@ -49,9 +50,10 @@ DUMP_ENV = "EDGECOMP_DUMP_IR"
 def graph_passes(target: tvm.target.Target, refuse: str = "auto") -> list[tvm.transform.Pass]:
     """edgecomp's own Relax graph passes (phase 2): re-fusion picks the factor chains that run
     as one kernel each (T1000): where that lowers the planned peak (``refuse="auto"``), every
-    chain (``"all"``), or none; the other chains become their plain ops.
+    chain (``"all"``), or none; the other chains become their plain ops. Constant powers
+    (LRN's ``** 0.75``) become square roots, which vectorize where ``powf`` does not.
     """
-    return [RefuseChains(target, mode=refuse)]
+    return [RefuseChains(target, mode=refuse), PowerBySqrt()]
 
 
 def layout_passes(target: tvm.target.Target, layout: str = "NHWC") -> list[tvm.transform.Pass]:

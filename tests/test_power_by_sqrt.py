@@ -21,9 +21,11 @@ def _ops(mod: tvm.IRModule) -> list[str]:
     names: list[str] = []
     relax.analysis.post_order_visit(
         mod["main"].body,
-        lambda e: names.append(e.op.name)
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
-        else None,
+        lambda e: (
+            names.append(e.op.name)
+            if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
+            else None
+        ),
     )
     return names
 

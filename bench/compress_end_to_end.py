@@ -29,6 +29,7 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from blocks_vs_ort import cpu_model  # noqa: E402
 from end_to_end import best_of, decompose_to, ort_session  # noqa: E402
 
 from edgecomp.analyze import weight_bytes  # noqa: E402
@@ -120,7 +121,7 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     lines = [
-        f"CP convs + SVD fc at `{args.policy}` per layer, host (AMD EPYC Zen 3, 2 threads).",
+        f"CP convs + SVD fc at `{args.policy}` per layer, host ({cpu_model()}, 2 threads).",
         "",
         "| model | conv FLOPs down | fc FLOPs down | weights MB dense -> decomposed (ratio) "
         "| model.so MB | ORT dense ms | edgecomp dense ms | edgecomp decomposed ms "

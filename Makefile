@@ -18,7 +18,7 @@ demo: system venv
 	$(VENV)/bin/edgecomp demo
 
 test: system venv
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=15
 
 lint: venv
 	$(VENV)/bin/ruff check edgecomp tests bench

@@ -14,8 +14,7 @@ from edgecomp.build import compile_model
 from edgecomp.device import running_devices, start_emulated_device, stop_emulated_devices
 from edgecomp.errors import EdgecompError
 from edgecomp.reference import onnxruntime_outputs
-from edgecomp.rpc import connect, device_arch, free_port, list_devices, start_tracker
-from edgecomp.runner import open_package, read_inputs
+from edgecomp.rpc import connect, device_arch, free_port
 from edgecomp.targets import load_board
 
 
@@ -29,37 +28,6 @@ def test_emulated_device_is_an_aarch64_tvm_server_on_loopback(emulated_rasp4b):
     assert record["board"] == "rasp4b" and record["host"] == "127.0.0.1"
     with pytest.raises(EdgecompError, match=f"127.0.0.1:{port}: the port is in use"):
         start_emulated_device(load_board("rasp4b"), port=int(port))
-
-
-@pytest.mark.device
-def test_tracker_registers_the_device_and_serves_it_by_key(tmp_path):
-    model = tiny_cnn(tmp_path / "tiny.onnx")
-    package = compile_model(model, "rasp4b", tmp_path / "pkg")
-    tracker_port, device_port = free_port(), free_port()
-    tracker = start_tracker(port=tracker_port)
-    address = f"127.0.0.1:{tracker_port}"
-    try:
-        start_emulated_device(load_board("rasp4b"), port=device_port, tracker=address, key="pi4")
-        (device,) = list_devices(address)
-        assert device["key"] == "pi4" and device["free"] == 1
-
-        listed = edgecomp("devices", "--tracker", address)
-        assert listed.returncode == 0 and "pi4" in listed.stdout, listed.stderr
-
-        with pytest.raises(
-            EdgecompError, match=r"no device with key 'rasp3b'.*registered keys: pi4"
-        ):
-            connect(tracker=address, key="rasp3b", timeout=10)
-
-        remote = open_package(package.path, tracker=address, key="pi4", timeout=60)
-        x = read_inputs(remote.package.inputs, None, seed=3)
-        (got,) = remote.run(x)
-        (want,) = onnxruntime_outputs(model, {"x": x[0]})
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    finally:
-        stop_emulated_devices(device_port)
-        tracker.terminate()
-    assert all(d["port"] != device_port for d in running_devices())
 
 
 @pytest.mark.device

@@ -1,16 +1,20 @@
-"""Several emulated devices under one tracker key, and bounded waits for them."""
+"""Several emulated devices under one tracker key, served by key, and bounded waits for them."""
 
 from __future__ import annotations
 
 import os
 import time
 
+import numpy as np
 import pytest
-from helpers import assert_clean_error, edgecomp
+from helpers import assert_clean_error, edgecomp, tiny_cnn
 
+from edgecomp.build import compile_model
 from edgecomp.device import _port_free, running_devices, start_emulated_devices
 from edgecomp.errors import EdgecompError
-from edgecomp.rpc import free_port, list_devices, start_tracker, wait_for_devices
+from edgecomp.reference import onnxruntime_outputs
+from edgecomp.rpc import connect, free_port, list_devices, start_tracker, wait_for_devices
+from edgecomp.runner import open_package, read_inputs
 from edgecomp.targets import load_board
 
 
@@ -24,7 +28,9 @@ def tracker():
 
 
 @pytest.mark.device
-def test_count_2_registers_both_under_the_key_and_stop_ends_both(tracker):
+def test_count_2_registers_both_under_the_key_serves_by_key_and_stop_ends_both(tracker, tmp_path):
+    model = tiny_cnn(tmp_path / "tiny.onnx")
+    package = compile_model(model, "rasp4b", tmp_path / "pkg")
     key = f"farm{os.getpid()}"  # the device cache is shared: stop only this test's devices
     started = edgecomp("device", "emulate", "--count", "2", "--tracker", tracker, "--key", key)
     try:
@@ -35,6 +41,17 @@ def test_count_2_registers_both_under_the_key_and_stop_ends_both(tracker):
         assert wait_for_devices(tracker, key, timeout=5, min_free=2) == 2
         with pytest.raises(EdgecompError, match=f"2 of the 2 devices with key '{key}'.*3 needed"):
             wait_for_devices(tracker, key, timeout=1, min_free=3)
+
+        listed = edgecomp("devices", "--tracker", tracker)
+        assert listed.returncode == 0 and key in listed.stdout, listed.stderr
+        unknown = f"no device with key 'rasp3b'.*registered keys: {key}"
+        with pytest.raises(EdgecompError, match=unknown):
+            connect(tracker=tracker, key="rasp3b", timeout=10)
+        remote = open_package(package.path, tracker=tracker, key=key, timeout=60)
+        x = read_inputs(remote.package.inputs, None, seed=3)
+        (got,) = remote.run(x)
+        (want,) = onnxruntime_outputs(model, {"x": x[0]})
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     finally:
         stopped = edgecomp("device", "stop", "--key", key)
     assert stopped.returncode == 0, stopped.stderr

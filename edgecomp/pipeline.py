@@ -36,6 +36,7 @@ from edgecomp.errors import EdgecompError
 from edgecomp.kernels import default_rules
 from edgecomp.kernels.conv2d import conv_legalizer
 from edgecomp.kernels.conv_common import CONV_KINDS, tile_choice
+from edgecomp.kernels.fast_math import fast_math_legalizers
 from edgecomp.kernels.fused_chain import LegalizeFusedChains
 from edgecomp.kernels.target_info import is_gpu
 from edgecomp.passes.clip_to_min_max import ClipToMinMax
@@ -197,7 +198,10 @@ def lower_unscheduled(
                 relax.transform.FoldConstant(),
                 LegalizeFusedChains(target),
                 relax.transform.LegalizeOps(
-                    customize_legalize_map={"relax.nn.conv2d": conv_legalizer(conv)}
+                    customize_legalize_map={
+                        "relax.nn.conv2d": conv_legalizer(conv),
+                        **({} if is_gpu(target) else fast_math_legalizers()),
+                    }
                 ),
             ],
             mod,

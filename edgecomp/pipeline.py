@@ -39,8 +39,8 @@ from edgecomp.kernels.conv_common import CONV_KINDS, tile_choice
 from edgecomp.kernels.fast_math import fast_math_legalizers
 from edgecomp.kernels.fused_chain import LegalizeFusedChains
 from edgecomp.kernels.target_info import is_gpu
-from edgecomp.passes.clip_to_min_max import ClipToMinMax
 from edgecomp.passes.decompose_conv import DecomposeConv
+from edgecomp.passes.min_max_activations import MinMaxActivations
 from edgecomp.passes.power_by_sqrt import PowerBySqrt
 from edgecomp.passes.refuse_chains import REFUSE_MODES, RefuseChains
 from edgecomp.passes.remove_dropout import RemoveDropout
@@ -69,7 +69,7 @@ def layout_passes(target: tvm.target.Target, layout: str = "NHWC") -> list[tvm.t
         return []
     return [
         RemoveDropout(),  # its tuple output stops ConvertLayout
-        ClipToMinMax(),  # relax.clip has no layout rule: it would stay NCHW between transposes
+        MinMaxActivations(),  # clip, leakyrelu: no layout rule, they would stay NCHW
         relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, "OIHW"]}),
         relax.transform.FoldConstant(),
         # An input used twice (a residual's shortcut) is transposed once.

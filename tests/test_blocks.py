@@ -146,6 +146,30 @@ def test_no_transpose_between_nhwc_convolutions() -> None:
     assert not [k for k in _kernels(lower(mod, HOST, layout="NCHW")) if "transpose" in k]
 
 
+def test_every_activation_joins_its_convolution_in_nhwc() -> None:
+    # LeakyReLU, PRelu, SiLU, Sigmoid after 3x3 convolutions: each activation is in the
+    # convolution's kernel, and the only transposes are the model's input and output.
+    mod, _ = import_onnx(block_model("activations", test_size=True))
+    kernels = _kernels(lower(mod, HOST))
+    transposes = [k for k in kernels if "transpose" in k]
+    assert transposes == [kernels[0], kernels[-1]], kernels
+    assert all("conv2d" in k for k in kernels[1:-1]), kernels
+    assert len(kernels) == 2 + 4, kernels
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1.5])
+def test_leaky_relu_as_max_or_min_matches_numpy(alpha: float) -> None:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 8, 5, 5), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.leakyrelu(x, alpha))
+        bb.emit_func_output(y)
+    data = np.random.default_rng(2).standard_normal((2, 8, 5, 5)).astype(np.float32)
+    got = _run_host(bb.get(), data)
+    np.testing.assert_allclose(got, np.where(data >= 0, data, alpha * data), rtol=1e-6)
+
+
 class _Broken(ScheduleRule):
     """A rule whose schedule primitive fails: it vectorizes a reduction loop."""
 

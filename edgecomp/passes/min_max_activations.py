@@ -1,14 +1,16 @@
-"""ClipToMinMax: clipping as ``relax.maximum`` / ``relax.minimum`` with scalar constants.
+"""MinMaxActivations: clipping and LeakyReLU as ``relax.maximum`` / ``relax.minimum``.
 
-Two forms of clipping have no layout rule, so ``ConvertLayout`` wraps them in transposes back
-to NCHW and they cannot join the convolution's epilogue:
+Three activations have no layout rule, so ``ConvertLayout`` wraps them in transposes back to
+NCHW and they cannot join the convolution's epilogue:
 
 - ``relax.clip(x, lo, hi)``, what HardSigmoid and HardSwish import as;
 - the prim funcs ``maximum`` / ``minimum`` that TVM's ONNX importer emits for Clip (ReLU6)
-  with ``emit_te``, called with a scalar constant bound.
+  with ``emit_te``, called with a scalar constant bound;
+- ``relax.nn.leakyrelu(x, alpha)`` (YOLO v3 / v4 after every convolution): ``max(x, alpha x)``
+  for ``alpha <= 1``, ``min(x, alpha x)`` above.
 
-``maximum`` / ``minimum`` with scalar constants follow any layout and fuse like any
-elementwise op.
+``maximum`` / ``minimum`` / ``multiply`` with scalar constants follow any layout and fuse like
+any elementwise op.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ class _Rewriter(PyExprMutator):  # type: ignore[misc]
 
     def visit_call_(self, op: relax.Call) -> relax.Expr:  # noqa: N802 - TVM's visitor name
         call = super().visit_call_(op)
+        if call.op == tvm.ir.Op.get("relax.nn.leakyrelu"):
+            x, alpha = call.args[0], float(call.attrs.alpha)
+            scaled = relax.op.multiply(x, relax.const(alpha, str(x.ty.dtype)))
+            return (relax.op.maximum if alpha <= 1.0 else relax.op.minimum)(x, scaled)
         if call.op == tvm.ir.Op.get("relax.clip"):
             lo, hi = _bound(call.args[1]), _bound(call.args[2])
             if lo is None or hi is None:
@@ -77,9 +83,10 @@ class _Rewriter(PyExprMutator):  # type: ignore[misc]
         return call
 
 
-@tvm.transform.module_pass(opt_level=0, name="edgecomp.ClipToMinMax")
-class ClipToMinMax:
-    """Rewrite clipping by scalar constants into ``relax.maximum`` / ``relax.minimum``."""
+@tvm.transform.module_pass(opt_level=0, name="edgecomp.MinMaxActivations")
+class MinMaxActivations:
+    """Rewrite clipping by scalar constants and LeakyReLU into ``relax.maximum`` /
+    ``relax.minimum``."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         """Rewrite each Relax function of ``mod``; the prim funcs left unused are dropped."""

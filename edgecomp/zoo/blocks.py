@@ -2,8 +2,9 @@
 
 Each builder returns an ``onnx.ModelProto`` (opset 17, input ``x`` NCHW, one output ``y``):
 a ResNet bottleneck, MobileNet v2 inverted residuals, a MobileNet v3 block with
-squeeze-and-excitation, an inception module, a fire module, a ShuffleNet unit, a DenseNet
-block, and a chain of the other activations. Sizes default to where these blocks sit in their
+squeeze-and-excitation, EfficientNet's MBConv (SiLU), a YOLOv5 / v8 C3 block (SiLU), an
+inception module, a fire module, a ShuffleNet unit, a DenseNet block, and a chain of the other
+activations. Sizes default to where these blocks sit in their
 ImageNet networks; tests pass smaller maps. Weights are He-normal, BatchNormalization
 statistics drawn so that activations keep their scale.
 """
@@ -139,12 +140,15 @@ class GraphBuilder:
             "MaxPool", [x], x, None, hw, kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4
         )
 
-    def squeeze_excite(self, x: str, squeeze: int) -> str:
-        """Global average pool, 1x1 conv + ReLU, 1x1 conv + HardSigmoid, scale the input."""
+    def squeeze_excite(
+        self, x: str, squeeze: int, act: str = "relu", gate: str = "hardsigmoid"
+    ) -> str:
+        """Global average pool, 1x1 conv + ``act``, 1x1 conv + ``gate``, scale the input
+        (MobileNet v3: ReLU and HardSigmoid; EfficientNet: SiLU and Sigmoid)."""
         c = self.dims[x][0]
         pooled = self.node("GlobalAveragePool", [x], x, hw=(1, 1))
-        s = self.act(self.conv(pooled, squeeze, bn=False, bias=True), "relu")
-        s = self.act(self.conv(s, c, bn=False, bias=True), "hardsigmoid")
+        s = self.act(self.conv(pooled, squeeze, bn=False, bias=True), act)
+        s = self.act(self.conv(s, c, bn=False, bias=True), gate)
         return self.node("Mul", [x, s], x)
 
     def shuffle(self, x: str, groups: int) -> str:
@@ -214,6 +218,34 @@ def mobilenet_v3(c: int = 40, hw: int = 28, seed: int = 0) -> onnx.ModelProto:
     return g.model(g.conv(t, 2 * c))
 
 
+def efficientnet(c: int = 40, hw: int = 28, seed: int = 0) -> onnx.ModelProto:
+    """EfficientNet-B0 MBConv blocks (SiLU everywhere, SE with SiLU and Sigmoid): expand 6,
+    depthwise 5x5, squeeze-and-excitation, 1x1 project with the residual; then a stride-2
+    depthwise 3x3 to ``2 * c`` channels."""
+    g = GraphBuilder("efficientnet", (1, c, hw, hw), seed)
+    e = 6 * c
+    t = g.act(g.conv("x", e), "silu")
+    t = g.act(g.conv(t, e, 5, group=e), "silu")
+    t = g.squeeze_excite(t, max(4, c // 4), act="silu", gate="sigmoid")
+    y = g.add(g.conv(t, c), "x")
+    t = g.act(g.conv(y, e), "silu")
+    t = g.act(g.conv(t, e, 3, stride=2, group=e), "silu")
+    t = g.squeeze_excite(t, max(4, c // 4), act="silu", gate="sigmoid")
+    return g.model(g.conv(t, 2 * c))
+
+
+def yolo(c: int = 64, hw: int = 80, seed: int = 0) -> onnx.ModelProto:
+    """A YOLOv5 / v8 C3-style block (Conv-BN-SiLU throughout): a 1x1 conv, two bottlenecks
+    (3x3, 3x3, residual) on it, concatenated with a second 1x1 branch, a 1x1 conv to merge."""
+    g = GraphBuilder("yolo", (1, c, hw, hw), seed)
+    a = g.act(g.conv("x", c // 2), "silu")
+    b = g.act(g.conv("x", c // 2), "silu")
+    for _ in range(2):
+        t = g.act(g.conv(a, c // 2, 3), "silu")
+        a = g.add(g.act(g.conv(t, c // 2, 3), "silu"), a)
+    return g.model(g.act(g.conv(g.concat([a, b]), c), "silu"))
+
+
 def inception(c: int = 192, hw: int = 28, seed: int = 0) -> onnx.ModelProto:
     """GoogLeNet's inception (3a): 1x1, 1x1 -> 3x3, 1x1 -> 5x5, max-pool -> 1x1, concatenated."""
     g = GraphBuilder("inception", (1, c, hw, hw), seed)
@@ -280,6 +312,8 @@ BLOCKS: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet_bottleneck": resnet_bottleneck,
     "mobilenet_v2": mobilenet_v2,
     "mobilenet_v3": mobilenet_v3,
+    "efficientnet": efficientnet,
+    "yolo": yolo,
     "inception": inception,
     "fire": fire,
     "shufflenet": shufflenet,
@@ -291,6 +325,8 @@ TEST_SIZES: dict[str, dict[str, int]] = {
     "resnet_bottleneck": {"c": 32, "hw": 8},
     "mobilenet_v2": {"c": 8, "hw": 8},
     "mobilenet_v3": {"c": 16, "hw": 8},
+    "efficientnet": {"c": 16, "hw": 8},
+    "yolo": {"c": 16, "hw": 8},
     "inception": {"c": 48, "hw": 8},
     "fire": {"c": 32, "hw": 9},
     "shufflenet": {"c": 48, "hw": 8},

@@ -1,7 +1,7 @@
 """The block forms people deploy (edgecomp.zoo.blocks) against ONNX Runtime, on every board.
 
-Each block model (ResNet bottleneck, MobileNet v2 / v3 with squeeze-and-excitation, inception,
-fire, ShuffleNet, DenseNet, the other activations) is compiled for the host, rasp4b and rasp3b;
+Each block model (ResNet bottleneck, MobileNet v2 / v3 with squeeze-and-excitation, EfficientNet
+MBConv, YOLO C3, inception, fire, ShuffleNet, DenseNet, the other activations) is compiled for the host, rasp4b and rasp3b;
 host and emulated-rasp4b outputs are checked against ONNX Runtime, and each decomposition at
 full rank stays exact. Also: activations stay NHWC between convolutions, a schedule rule that
 fails falls back to one that builds, BatchNormalization in training mode is refused.

@@ -7,7 +7,8 @@ Phases (numbered as the comments in :func:`lower_unscheduled` and :func:`schedul
    (:mod:`edgecomp.passes.factor_chains`).
 2. Graph: ``RefuseChains`` picks the chains that run as one fused kernel (T1000) and inlines
    the others. Then, on CPU targets, activations become NHWC between layers
-   (``ConvertLayout``): the transposes stay only at the model's inputs and outputs and around
+   (``ConvertLayout``, helped by :mod:`edgecomp.passes.layout_transposes` where an op follows
+   an NCHW first input): the transposes stay only at the model's inputs and outputs and around
    ops that have no NHWC form (a flatten, a channel shuffle's reshape, a fused chain).
 3. Legalize: constants folded first (weight transposes, bias reshapes), then each fused chain
    becomes its kernel (``LegalizeFusedChains``) and every Relax op a TE prim func,
@@ -40,6 +41,7 @@ from edgecomp.kernels.fast_math import fast_math_legalizers
 from edgecomp.kernels.fused_chain import LegalizeFusedChains
 from edgecomp.kernels.target_info import is_gpu
 from edgecomp.passes.decompose_conv import DecomposeConv
+from edgecomp.passes.layout_transposes import PoolsInLayout, SinkTransposes
 from edgecomp.passes.min_max_activations import MinMaxActivations
 from edgecomp.passes.power_by_sqrt import PowerBySqrt
 from edgecomp.passes.refuse_chains import REFUSE_MODES, RefuseChains
@@ -70,7 +72,10 @@ def layout_passes(target: tvm.target.Target, layout: str = "NHWC") -> list[tvm.t
     return [
         RemoveDropout(),  # its tuple output stops ConvertLayout
         MinMaxActivations(),  # clip, leakyrelu: no layout rule, they would stay NCHW
+        relax.transform.CanonicalizeBindings(),  # BatchNormalization's tuple: SinkTransposes passes
+        PoolsInLayout(layout),  # pools follow their input: on NCHW ones they would stay NCHW
         relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, "OIHW"]}),
+        SinkTransposes(),  # and concatenations their first input, with all that follows them
         relax.transform.FoldConstant(),
         # An input used twice (a residual's shortcut) is transposed once.
         relax.transform.EliminateCommonSubexpr(),

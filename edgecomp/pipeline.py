@@ -46,6 +46,7 @@ from edgecomp.passes.min_max_activations import MinMaxActivations
 from edgecomp.passes.power_by_sqrt import PowerBySqrt
 from edgecomp.passes.refuse_chains import REFUSE_MODES, RefuseChains
 from edgecomp.passes.remove_dropout import RemoveDropout
+from edgecomp.passes.split_concat_convs import SplitConcatConvs
 
 DUMP_ENV = "EDGECOMP_DUMP_IR"
 
@@ -74,6 +75,7 @@ def layout_passes(target: tvm.target.Target, layout: str = "NHWC") -> list[tvm.t
         MinMaxActivations(),  # clip, leakyrelu: no layout rule, they would stay NCHW
         relax.transform.CanonicalizeBindings(),  # BatchNormalization's tuple: SinkTransposes passes
         PoolsInLayout(layout),  # pools follow their input: on NCHW ones they would stay NCHW
+        SplitConcatConvs(),  # an NHWC concatenation is a copy that interleaves
         relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, "OIHW"]}),
         SinkTransposes(),  # and concatenations their first input, with all that follows them
         relax.transform.FoldConstant(),

@@ -202,6 +202,31 @@ def test_densenet_concatenations_stay_nhwc(layers: int) -> None:
     np.testing.assert_allclose(_run_host(mod, x), want, rtol=1e-4, atol=1e-5)
 
 
+def _concat_read_by_convs() -> onnx.ModelProto:
+    g = GraphBuilder("concat_convs", (1, 8, 10, 10))
+    parts = [g.act(g.conv("x", c, bn=False, bias=True), "relu") for c in (8, 16, 24)]
+    joined = g.concat(parts)  # read by two convolutions only: split into partial sums
+    a = g.act(g.conv(joined, 4, 3, stride=2, bn=False, bias=True), "relu")
+    b = g.conv(joined, 4, 1, stride=2, bn=True)
+    return g.model(g.concat([a, b]))  # read by the output: stays
+
+
+def test_concatenation_read_by_convolutions_becomes_partial_sums() -> None:
+    # SplitConcatConvs: conv(concat(a, b, c), W) = conv(a, W_a) + conv(b, W_b) + conv(c, W_c),
+    # no NHWC interleaving copy; the model's last concatenation stays (the output reads it).
+    model = _concat_read_by_convs()
+    mod, _ = import_onnx(model)
+    kernels = _kernels(lower(mod, HOST))
+    assert [k for k in kernels if "concatenate" in k] == [kernels[-1]], kernels
+    assert sum("conv2d" in k for k in kernels) == 3 + 2 * 3, kernels
+    x = _input(model)
+    (want,) = onnxruntime_outputs(model.SerializeToString(), {"x": x})
+    np.testing.assert_allclose(_run_host(mod, x), want, rtol=1e-4, atol=1e-5)
+    # In SqueezeNet's fire modules the first module's concatenation feeds the second's squeeze.
+    fire = _kernels(lower(import_onnx(block_model("fire", test_size=True))[0], HOST))
+    assert [k for k in fire if "concatenate" in k] == [fire[-1]], fire
+
+
 def test_every_activation_joins_its_convolution_in_nhwc() -> None:
     # LeakyReLU, PRelu, SiLU, Sigmoid after 3x3 convolutions: each activation is in the
     # convolution's kernel, and the only transposes are the model's input and output.

@@ -74,9 +74,9 @@ def layout_passes(target: tvm.target.Target, layout: str = "NHWC") -> list[tvm.t
         RemoveDropout(),  # its tuple output stops ConvertLayout
         MinMaxActivations(),  # clip, leakyrelu: no layout rule, they would stay NCHW
         relax.transform.CanonicalizeBindings(),  # BatchNormalization's tuple: SinkTransposes passes
-        PoolsInLayout(layout),  # pools follow their input: on NCHW ones they would stay NCHW
         SplitConcatConvs(),  # an NHWC concatenation is a copy that interleaves
         relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, "OIHW"]}),
+        PoolsInLayout(layout),  # pools follow their input: on NCHW ones they stayed NCHW
         SinkTransposes(),  # and concatenations their first input, with all that follows them
         relax.transform.FoldConstant(),
         # An input used twice (a residual's shortcut) is transposed once.

@@ -186,6 +186,17 @@ def test_pools_on_the_input_run_nhwc_after_its_one_transpose(tmp_path) -> None: 
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_pool_between_convolutions_adds_no_kernel() -> None:
+    # VGG's conv -> max-pool -> conv: the pool follows the convolution's NHWC, with no copy
+    # (an identity permutation ConvertLayout leaves) fused into the first convolution.
+    g = GraphBuilder("conv_pool_conv", (1, 8, 12, 12))
+    t = g.maxpool(g.act(g.conv("x", 16, 3, bn=False, bias=True), "relu"), 2, 2, 0)
+    mod, _ = import_onnx(g.model(g.conv(t, 8, 3, bn=False, bias=True)))
+    kernels = _kernels(lower(mod, HOST))
+    assert len(kernels) == 5 and kernels[0] == "transpose", kernels
+    assert "max_pool2d" in kernels[2] and not [k for k in kernels[1:-1] if "transpose" in k]
+
+
 @pytest.mark.parametrize("layers", [2, 4])
 def test_densenet_concatenations_stay_nhwc(layers: int) -> None:
     # concat(input, features) followed its first input, the NCHW model input, and so did each

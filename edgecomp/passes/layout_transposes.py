@@ -10,12 +10,14 @@ its first input. Two graph forms kept NCHW stretches, with transposes between la
   NCHW, and so were every BatchNormalization and ReLU after it and every later concatenation:
   two transposes per layer.
 
-``PoolsInLayout`` (before ``ConvertLayout``) writes each NCHW pool as ``transpose -> pool in
-NHWC -> transpose back``; the first transpose is the one the convolutions on the same input
-already have (``EliminateCommonSubexpr`` merges them). ``SinkTransposes`` (after it) moves each
-transpose forward through elementwise ops (constant operands transposed along), and through
-concatenations (their other inputs transposed instead), until it meets the transpose the next
-convolution asks for: the pair cancels. A transpose that reaches an op it cannot pass stays.
+``PoolsInLayout`` (after ``ConvertLayout``) writes each pool still NCHW as ``transpose -> pool
+in NHWC -> transpose back``; the first transpose is the one the convolutions on the same input
+already have (``EliminateCommonSubexpr`` merges them). ``SinkTransposes`` (after that) moves
+each transpose forward through elementwise ops (constant operands transposed along), and
+through concatenations (their other inputs transposed instead), until it meets the transpose
+the next convolution asks for: the pair cancels. A transpose that reaches an op it cannot pass
+stays. It also drops the identity permutations ``ConvertLayout`` leaves where a transpose
+written in the model meets NHWC data.
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ class _Sinker(PyExprMutator):  # type: ignore[misc]
     def _compose(self, call: relax.Call) -> relax.Expr:
         inner = self._transposed(call.args[0])
         outer = self._transposed_axes(call)
+        if outer == list(range(len(outer or []))) and outer:
+            return call.args[0]  # ConvertLayout's identity permutations: a copy each
         if inner is None or outer is None:
             return call
         data, perm = inner

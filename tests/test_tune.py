@@ -143,6 +143,28 @@ def test_bad_work_dir_database_and_devices_are_one_line_errors(tmp_path):
         tracker.terminate()
 
 
+def test_tune_stops_after_the_batch_on_ctrl_c_and_at_once_on_a_second(tmp_path):
+    work, log = tmp_path / "work", tmp_path / "tune.log"
+    proc = _start_tune(log, "--target", "host", "--local", "--trials", "400",
+                       "--work-dir", str(work))  # fmt: skip
+    _wait_for(
+        "a searched candidate measured",
+        lambda: (work / TRIALS_FILE).is_file() and len(_searched(work)) >= 1,
+        proc,
+        log,
+        timeout=300,
+    )
+    proc.send_signal(signal.SIGINT)
+    _wait_for("the Ctrl-C message", lambda: "Ctrl-C: stopping" in log.read_text(), proc, log, 60)
+    proc.send_signal(signal.SIGINT)  # the batch may have ended first: stopped either way
+    out = " ".join(_finish(proc, log, timeout=120).split())  # rich wraps long lines
+    assert proc.returncode == 130, out
+    assert "run the same command again to resume" in out, out
+    database, _, _ = open_database(work, load_board("host"))
+    assert len(database) >= len(_searched(work)) >= 1
+    assert all(row["secs"] is not None for row in _trials(work)), out
+
+
 @pytest.mark.device
 def test_tune_on_two_emulated_devices_survives_sigint_and_a_dead_device(tmp_path):
     board = load_board("rasp4b")
@@ -152,11 +174,12 @@ def test_tune_on_two_emulated_devices_survives_sigint_and_a_dead_device(tmp_path
     devices = start_emulated_devices(board, 2, port=None, tracker=address, key=key)
     work = tmp_path / "work"
     command = ("--target", "rasp4b", "--tracker", address, "--key", key,
-               "--trials", "24", "--work-dir", str(work))  # fmt: skip
+               "--work-dir", str(work))  # fmt: skip
     log1, log2 = tmp_path / "tune1.log", tmp_path / "tune2.log"
     try:
-        # SIGINT mid-run: a loadable database, and the rerun resumes.
-        proc = _start_tune(log1, *command)
+        # SIGINT mid-run (a budget it cannot reach first): the batch in flight is recorded,
+        # then it stops; a loadable database, and the rerun resumes.
+        proc = _start_tune(log1, *command, "--trials", "400")
         _wait_for(
             "a searched candidate measured on the device",
             lambda: (work / TRIALS_FILE).is_file() and len(_searched(work)) >= 2,
@@ -165,14 +188,16 @@ def test_tune_on_two_emulated_devices_survives_sigint_and_a_dead_device(tmp_path
             timeout=400,
         )
         proc.send_signal(signal.SIGINT)
-        out = _finish(proc, log1, timeout=120)
-        assert proc.returncode != 0 and "interrupted" in out, out
+        out = " ".join(_finish(proc, log1, timeout=120).split())
+        assert proc.returncode == 130 and "stopping after the batch" in out, out
+        assert "records measured so far are kept" in out, out
         database, _, _ = open_database(work, board)
         assert len(database) >= 4  # the default schedules at least
         done = len(_searched(work))
+        assert done >= 2 and all(row["secs"] is not None for row in _trials(work)), out
 
-        # Rerun; one device dies mid-run: tuning finishes on the other.
-        proc = _start_tune(log2, *command)
+        # Rerun towards 40 more trials; one device dies mid-run: tuning ends on the other.
+        proc = _start_tune(log2, *command, "--trials", str(done + 40))
         _wait_for(
             "the resumed run measuring a new candidate",
             lambda: len(_searched(work)) > done + 1,

@@ -20,7 +20,8 @@ How a run goes:
 The work dir is append-only and safe to interrupt: ``database_*.json`` (MetaSchedule's JSON
 database, one flushed line per record), ``trials.jsonl`` (one line per measured candidate,
 which a rerun replays instead of measuring again), ``cost_model.tar`` (the XGBoost model,
-saved after every batch) and ``edgecomp-tune.json`` (the board and target it belongs to).
+saved after every task and on Ctrl-C) and ``edgecomp-tune.json`` (the board and target it
+belongs to). Ctrl-C stops after the batch in flight, a second one at once.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ class Progress(ms.measure_callback.PyMeasureCallback):
             digest = candidate_hash(cand.sch.mod)
             if digest in run.work.memo:
                 continue
-            measured += 1
             secs = seconds(ran) if built.error_msg is None else None
+            if secs is None and run.interrupted:
+                continue  # maybe killed by the Ctrl-C (a terminal's reaches the workers)
+            measured += 1
             if built.error_msg is None and ran.error_msg is not None:
                 device_errors.append(str(ran.error_msg).strip().splitlines()[-1])
             if secs is not None:
@@ -97,16 +100,21 @@ class Progress(ms.measure_callback.PyMeasureCallback):
                     )
                 )
             run.work.log(task.key, digest, secs)
-        if not measured:
-            return  # the search found nothing new this round
-        task.best_ms = run.work.best[task.key] * 1e3 if task.key in run.work.best else None
-        run.report(task, measured, device_errors)
+        if measured:
+            task.best_ms = run.work.best[task.key] * 1e3 if task.key in run.work.best else None
+            run.report(task, measured, device_errors)
+        if run.interrupted:
+            raise Interrupted("interrupted")  # this batch's records are kept: a safe point
         if device_errors and len(device_errors) == measured:
             run.check_devices_left()
 
 
 class DevicesGone(EdgecompError):
     """Every device of the run stopped answering."""
+
+
+class Interrupted(Exception):  # noqa: N818 - raised through MetaSchedule, read as Ctrl-C
+    """Raised after the batch in flight when Ctrl-C was pressed during it."""
 
 
 class TuneRun:
@@ -122,12 +130,24 @@ class TuneRun:
 
     @contextmanager
     def catching_sigint(self) -> Iterator[None]:
-        """Remember a Ctrl-C (MetaSchedule turns it into a bare RuntimeError) and raise it."""
+        """A first Ctrl-C stops the search after the batch in flight (:class:`Progress`
+        records it, then raises); a second one exits at once. A KeyboardInterrupt raised
+        wherever the main thread is inside MetaSchedule's C++ can be swallowed (as a failed
+        mutation) or crash the process, so neither raises there."""
         import signal
 
         def on_sigint(signum: int, frame: Any) -> None:
+            if self.interrupted:  # records are flushed line by line: nothing to tidy up
+                console.print(
+                    f"interrupted again: stopped now; the records measured so far are kept"
+                    f" in {self.work.path}: run the same command again to resume"
+                )
+                os._exit(130)
             self.interrupted = True
-            raise KeyboardInterrupt
+            console.print(
+                "Ctrl-C: stopping after the batch being measured, to keep its records"
+                " (Ctrl-C again to stop now)"
+            )
 
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
@@ -344,6 +364,8 @@ def tune_kernels(
             finally:
                 save_cost_model(cost_model, work.path / COST_MODEL_FILE)
                 work.save_tiles(best_tiles(tasks))
+            if run.interrupted:
+                raise KeyboardInterrupt
             carry = max(task.budget - task.trials, 0)
             task.budget = min(task.budget, task.trials)
     except KeyboardInterrupt:
@@ -396,7 +418,7 @@ def _search(
             gone = _devices_gone(err)
             if gone is not None:
                 raise gone from None
-            if run.interrupted:  # Ctrl-C inside TVM surfaces as a bare RuntimeError
+            if run.interrupted:  # Interrupted, or a second Ctrl-C, surfaces as a TVM error
                 raise KeyboardInterrupt from None
             raise
         if task.trials == before:

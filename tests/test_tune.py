@@ -70,6 +70,21 @@ def _wait_for(what: str, check, proc: subprocess.Popen, log: Path, timeout: floa
         time.sleep(0.5)
 
 
+def _interrupt_once_searched(log: Path, work: Path, count: int, *args: str) -> subprocess.Popen:
+    """Start a run with a budget it cannot reach (400 trials) in ``work``; send it SIGINT
+    once ``count`` searched candidates are recorded."""
+    proc = _start_tune(log, *args, "--trials", "400", "--work-dir", str(work))
+    _wait_for(
+        f"{count} searched candidates measured",
+        lambda: (work / TRIALS_FILE).is_file() and len(_searched(work)) >= count,
+        proc,
+        log,
+        timeout=400,
+    )
+    proc.send_signal(signal.SIGINT)
+    return proc
+
+
 def test_tune_here_resume_and_compile_with_the_database(tmp_path):
     work = tmp_path / "work"
     first = edgecomp("tune", MODEL, "--target", "host", "--local", "--trials", "16",
@@ -145,16 +160,7 @@ def test_bad_work_dir_database_and_devices_are_one_line_errors(tmp_path):
 
 def test_tune_stops_after_the_batch_on_ctrl_c_and_at_once_on_a_second(tmp_path):
     work, log = tmp_path / "work", tmp_path / "tune.log"
-    proc = _start_tune(log, "--target", "host", "--local", "--trials", "400",
-                       "--work-dir", str(work))  # fmt: skip
-    _wait_for(
-        "a searched candidate measured",
-        lambda: (work / TRIALS_FILE).is_file() and len(_searched(work)) >= 1,
-        proc,
-        log,
-        timeout=300,
-    )
-    proc.send_signal(signal.SIGINT)
+    proc = _interrupt_once_searched(log, work, 1, "--target", "host", "--local")
     _wait_for("the Ctrl-C message", lambda: "Ctrl-C: stopping" in log.read_text(), proc, log, 60)
     proc.send_signal(signal.SIGINT)  # the batch may have ended first: stopped either way
     out = " ".join(_finish(proc, log, timeout=120).split())  # rich wraps long lines
@@ -173,21 +179,12 @@ def test_tune_on_two_emulated_devices_survives_sigint_and_a_dead_device(tmp_path
     address, key = f"127.0.0.1:{tracker_port}", f"tune{os.getpid()}"
     devices = start_emulated_devices(board, 2, port=None, tracker=address, key=key)
     work = tmp_path / "work"
-    command = ("--target", "rasp4b", "--tracker", address, "--key", key,
-               "--work-dir", str(work))  # fmt: skip
+    command = ("--target", "rasp4b", "--tracker", address, "--key", key)  # fmt: skip
     log1, log2 = tmp_path / "tune1.log", tmp_path / "tune2.log"
     try:
         # SIGINT mid-run (a budget it cannot reach first): the batch in flight is recorded,
         # then it stops; a loadable database, and the rerun resumes.
-        proc = _start_tune(log1, *command, "--trials", "400")
-        _wait_for(
-            "a searched candidate measured on the device",
-            lambda: (work / TRIALS_FILE).is_file() and len(_searched(work)) >= 2,
-            proc,
-            log1,
-            timeout=400,
-        )
-        proc.send_signal(signal.SIGINT)
+        proc = _interrupt_once_searched(log1, work, 2, *command)
         out = " ".join(_finish(proc, log1, timeout=120).split())
         assert proc.returncode == 130 and "stopping after the batch" in out, out
         assert "records measured so far are kept" in out, out
@@ -197,7 +194,7 @@ def test_tune_on_two_emulated_devices_survives_sigint_and_a_dead_device(tmp_path
         assert done >= 2 and all(row["secs"] is not None for row in _trials(work)), out
 
         # Rerun towards 40 more trials; one device dies mid-run: tuning ends on the other.
-        proc = _start_tune(log2, *command, "--trials", str(done + 40))
+        proc = _start_tune(log2, *command, "--trials", str(done + 40), "--work-dir", str(work))
         _wait_for(
             "the resumed run measuring a new candidate",
             lambda: len(_searched(work)) > done + 1,

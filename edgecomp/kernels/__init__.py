@@ -5,6 +5,8 @@
 - :mod:`.conv2d` - ``relax.nn.conv2d`` legalized to the kernels below, and their rule.
 - :mod:`.mec_conv` - MEC convolution (NCHW / NHWC); :mod:`.im2col_conv` - the im2col lowering
   MEC is compared against; :mod:`.conv_gemm` - the register-tiled GEMM schedule both share.
+- :mod:`.winograd_conv` - Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions on CPUs: its
+  transforms around a grouped GEMM, by bands of rows.
 - :mod:`.depthwise_conv` - direct depthwise convolution and its schedules.
 - :mod:`.fused_chain` - one kernel for a whole CP / Tucker-2 / GKPD chain (T1000 re-fusion),
   intermediates per output tile.

@@ -3,6 +3,9 @@
 Which kernel a convolution gets:
 
 - depthwise (``groups == C``, one input channel per group): :mod:`.depthwise_conv`;
+- on CPUs, dense NHWC 3x3 stride-1 convolutions with constant weights and at least 32
+  channels in whole vectors: Winograd F(2x2, 3x3), :mod:`.winograd_conv` (2.25x fewer
+  multiply-adds, its 16 GEMMs done by the same register-tiled GEMM);
 - everything else, grouped or not, 1x1 or k x k, strided or dilated: a register-tiled GEMM
   over MEC's lowering (:mod:`.mec_conv`; :mod:`.im2col_conv` to measure it against). In NHWC a
   convolution without padding (1x1 above all) reads its input in place: a plain GEMM.
@@ -43,6 +46,14 @@ from edgecomp.kernels.depthwise_conv import (
 from edgecomp.kernels.im2col_conv import im2col_conv2d
 from edgecomp.kernels.mec_conv import mec_conv2d
 from edgecomp.kernels.target_info import is_gpu
+from edgecomp.kernels.winograd_conv import (
+    TILE,
+    is_winograd,
+    schedule_winograd_cpu,
+    winograd_applies,
+    winograd_conv2d,
+    winograd_weight,
+)
 
 
 def _conv_attrs(call: relax.Call) -> tuple[list[int], list[int], list[int], int, str]:
@@ -124,6 +135,20 @@ def _legalize(bb: relax.BlockBuilder, call: relax.Call, kind: str) -> relax.Expr
     target = Target.current(allow_none=True)
     wo = conv_out_size(width, kw, strides[1], padding[1], padding[3], dilation[1])
     key = conv_key(layout, shape, (k, cg, kh, kw), strides, padding, dilation, groups)
+    height = shape[1] if layout == "NHWC" else shape[2]
+    ho = conv_out_size(height, kh, strides[0], padding[0], padding[2], dilation[0])
+    constant = isinstance(weight, tvm.ir.expr.Constant)
+    cpu = target is not None and not is_gpu(target)
+    geometry = (layout, (k, cg, kh, kw), strides, dilation, groups, (ho, wo), constant)
+    tiles = tiles_for(-(-wo // TILE), k, target, cg, key)
+    if kind == "mec" and cpu and winograd_applies(*geometry, tiles[2]):
+        u = relax.const(winograd_weight(weight.value.numpy(), tiles[1] * tiles[2]))
+        return bb.call_te(
+            lambda x, wk: winograd_conv2d(x, wk, padding, tiles, k, out_dtype, key),
+            data,
+            u,
+            primfunc_name_hint="winograd_conv2d",
+        )
     tiles = tiles_for(wo, k // groups, target, kh * kw * cg, key)
     panel = tiles[1] * tiles[2]
     packed, folded = emit_gemm_weight(weight, groups, panel)
@@ -167,8 +192,11 @@ class ConvSchedule(ScheduleRule):
         gpu = is_gpu(target)
         if gemms and gpu:
             schedule_conv_gemm_gpu(sch, gemms[0], target)
+        elif gemms and is_winograd(sch):
+            schedule_winograd_cpu(sch, gemms[0], target, tunable)
         elif gemms:
             schedule_conv_gemm_cpu(sch, gemms[0], target, tunable)
         else:
             (schedule_depthwise_gpu if gpu else schedule_depthwise_cpu)(sch, depthwise[0], target)
+        schedules.schedule_leftovers(sch, target)
         return sch

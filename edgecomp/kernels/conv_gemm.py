@@ -57,7 +57,11 @@ def _rows_outer(
 
 
 def schedule_conv_gemm_cpu(
-    sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, target: Target, tunable: bool = False
+    sch: s_tir.Schedule,
+    block: s_tir.schedule.SBlockRV,
+    target: Target,
+    tunable: bool = False,
+    nested: bool = False,
 ) -> None:
     """Register-tiled GEMM over a lowered buffer (MEC or im2col) for LLVM CPU targets.
 
@@ -84,6 +88,10 @@ def schedule_conv_gemm_cpu(
     - ``p_block`` x ``k_block``: output rows x weight panels per block of the parallel loop
       nest, both ``sample_perfect_tile``; default rows outside (every row, one panel block)
       or panels outside, as :func:`_rows_outer` picks.
+
+    ``nested``: the GEMM was moved under a parallel loop of the caller's (Winograd's bands);
+    its own outer loops then stay serial. Producers other than the padding and the lowering,
+    and blocks left over, are the caller's to schedule.
     """
     tile_w = _ann_int(sch, block, TILE_W)
     n_vec = _ann_int(sch, block, TILE_VEC)
@@ -97,7 +105,7 @@ def schedule_conv_gemm_cpu(
         out_block = sch.get_consumers(write_back)[0]
     out_block = schedules.inline_epilogues(sch, out_block)
 
-    b, p, q, k, ri, rj, rc = sch.get_loops(block)
+    b, p, q, k, ri, rj, rc = sch.get_loops(block)[-7:]
     q_o, q_i = sch.split(q, schedules.tile_knob(sch, q, tile_w))
     k_o, k_panel, k_l = sch.split(k, [None, n_vec, lanes])
     k_mid, k_v = sch.split(k_panel, schedules.tile_knob(sch, k_panel, n_vec))
@@ -113,7 +121,8 @@ def schedule_conv_gemm_cpu(
     # Parallelize before decompose_reduction: TVM only parallelizes loops over complete or
     # (init-carrying) reduction blocks.
     fused = sch.fuse(*outer)
-    sch.parallel(fused)
+    if not nested:
+        sch.parallel(fused)
     if nhwc:
         _write_tile_nhwc(sch, block, out_block, q_o, lanes)
     else:
@@ -140,9 +149,8 @@ def schedule_conv_gemm_cpu(
             producers.extend(pads)
         elif sch.get(producer).name_hint == "conv_pad":
             schedule_padding_cpu(sch, producer)
-        else:
+        elif sch.get(producer).name_hint in ("mec_lower", "im2col_lower"):
             schedule_lowering_cpu(sch, producer, lanes)
-    schedules.schedule_leftovers(sch, target)
 
 
 def _write_tile_nhwc(
